@@ -1,0 +1,223 @@
+"""One typed config schema (pydantic), YAML loading, `key.sub=value` overrides and the built-in configs."""
+
+from __future__ import annotations
+
+import difflib
+import shutil
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelCfg(_Strict):
+    name: str = Field(description="registry name, local HF folder, hub id or .gguf file")
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    attn_implementation: str | None = None
+
+
+class LoraCfg(_Strict):
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: str | list[str] = "all-linear"
+
+
+class PersonaCfg(_Strict):
+    name: str
+    author: str
+    langs: list[Literal["zh", "en"]] = ["zh", "en"]
+    n: int = 1000
+    system: str | None = None
+    seed: int = 0
+
+
+class DataFileCfg(_Strict):
+    path: str
+    format: Literal["auto", "openai", "alpaca", "sharegpt"] = "auto"
+    fields: dict[str, str] = {}
+    repeat: int = 1
+
+
+class RegularizeCfg(_Strict):
+    """Self-distillation: general prompts answered by the base model before training, mixed in."""
+
+    ratio: float = 0.0
+    max_new_tokens: int = 128
+
+
+class DataCfg(_Strict):
+    persona: PersonaCfg | None = None
+    files: list[DataFileCfg] = []
+    regularize: RegularizeCfg = RegularizeCfg()
+    max_length: int = 2048
+    pack: bool = True
+    truncation: Literal["truncate", "drop"] = "truncate"
+
+    @model_validator(mode="after")
+    def _some_data(self) -> "DataCfg":
+        if self.persona is None and not self.files:
+            raise ValueError("give data.persona (generated identity data) or data.files (your datasets), or both")
+        return self
+
+
+class TrainCfg(_Strict):
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 1
+    grad_accum: int = 16
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 1.0
+    grad_checkpointing: bool = True
+    seed: int = 42
+    log_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int = 2
+    sample_steps: int = 300
+    evaluation_inputs: list[str] = []
+    system: str | None = None
+    max_new_tokens: int = 64
+    device: str = "auto"
+
+
+class Config(_Strict):
+    model: ModelCfg
+    method: Literal["full", "lora", "qlora"] = "qlora"
+    lora: LoraCfg = LoraCfg()
+    data: DataCfg
+    train: TrainCfg = TrainCfg()
+    work_dir: str = "work_dirs/run"
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Valid key names of the schema object that holds location `loc` (without its last part)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        for c in candidates:
+            for cc in [c, *getattr(c, "__args__", ())]:
+                if isinstance(cc, type) and issubclass(cc, BaseModel):
+                    model = cc
+                    break
+            else:
+                continue
+            break
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(loc)
+            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f" — did you mean '{'.'.join(str(p) for p in loc[:-1] + (near[0],))}'?" if near else ""
+            lines.append(f"  unknown key '{key}'{hint} (valid here: {', '.join(valid)})")
+        elif e["type"] == "missing":
+            lines.append(f"  missing key '{key}'")
+        else:
+            where = f"'{key}'" if key else "config"
+            lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- load / override
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form key.sub=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return raw
+
+
+def load_config(path_or_name: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (a file path or a built-in config name), apply overrides and validate."""
+    path = resolve_config_path(path_or_name)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a config must be a YAML mapping of keys to values")
+    apply_overrides(raw, overrides or [])
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_explain(e, str(path))) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# ----------------------------------------------------------------------------- built-in configs
+
+
+def builtin_configs() -> dict[str, Path]:
+    root = resources.files("tunesmith") / "configs"
+    return {p.name[:-5]: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_config_path(path_or_name: str | Path) -> Path:
+    p = Path(path_or_name)
+    if p.is_file():
+        return p
+    builtins = builtin_configs()
+    name = p.name[:-5] if p.name.endswith(".yaml") else p.name
+    if name in builtins and not p.exists():
+        return builtins[name]
+    near = difflib.get_close_matches(name, list(builtins), n=1, cutoff=0.4)
+    hint = f" Did you mean the built-in '{near[0]}'?" if near else " See `tunesmith list-cfg`."
+    raise UserError(f"config '{path_or_name}' is neither a file nor a built-in config.{hint}")
+
+
+def list_configs(pattern: str | None = None) -> list[str]:
+    names = sorted(builtin_configs())
+    if pattern:
+        names = [n for n in names if pattern.lower() in n.lower()]
+    return names
+
+
+def copy_config(name: str, dest_dir: str | Path) -> Path:
+    builtins = builtin_configs()
+    if name not in builtins:
+        near = difflib.get_close_matches(name, list(builtins), n=1, cutoff=0.4)
+        hint = f" Did you mean '{near[0]}'?" if near else " See `tunesmith list-cfg`."
+        raise UserError(f"no built-in config named '{name}'.{hint}")
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / f"{name}_copy.yaml"
+    shutil.copyfile(builtins[name], out)
+    return out

@@ -1,0 +1,101 @@
+"""Fit rendered samples to max_length and pack them into rows without splitting any sample.
+
+Each packed sample keeps its own position ids (restarting at 0). transformers reads sample boundaries from
+restarting position ids when no attention mask is given, so samples in one row never attend to each other.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from .template import IGNORE, Rendered
+
+
+@dataclass
+class FitReport:
+    kept: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    no_loss: int = 0  # samples whose trained tokens all fell past max_length
+
+
+def fit_length(samples: list[Rendered], max_length: int, mode: str) -> tuple[list[Rendered], FitReport]:
+    """Truncate (mode='truncate') or drop (mode='drop') samples longer than max_length; count both."""
+    out, rep = [], FitReport()
+    for s in samples:
+        if len(s.input_ids) > max_length:
+            if mode == "drop":
+                rep.dropped += 1
+                continue
+            s = Rendered(s.input_ids[:max_length], s.labels[:max_length])
+            rep.truncated += 1
+            if s.n_trained == 0:
+                rep.no_loss += 1
+                continue
+        out.append(s)
+    rep.kept = len(out)
+    return out, rep
+
+
+@dataclass
+class Row:
+    input_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    position_ids: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+    def add(self, s: Rendered) -> None:
+        self.input_ids += s.input_ids
+        self.labels += s.labels
+        self.position_ids += list(range(len(s.input_ids)))
+        self.lengths.append(len(s.input_ids))
+
+
+def pack(samples: list[Rendered], max_length: int, seed: int = 0) -> list[Row]:
+    """First-fit-decreasing bin packing into rows of at most max_length tokens, rows in shuffled order."""
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i].input_ids))
+    rows: list[Row] = []
+    space: list[int] = []
+    for i in order:
+        n = len(samples[i].input_ids)
+        for r, free in enumerate(space):
+            if free >= n:
+                rows[r].add(samples[i])
+                space[r] -= n
+                break
+        else:
+            row = Row()
+            row.add(samples[i])
+            rows.append(row)
+            space.append(max_length - n)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def unpacked(samples: list[Rendered], seed: int = 0) -> list[Row]:
+    rows = []
+    for s in samples:
+        r = Row()
+        r.add(s)
+        rows.append(r)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest; padding continues position ids as its own span and carries no loss."""
+    width = max(len(r.input_ids) for r in rows)
+    ids, labels, pos = [], [], []
+    for r in rows:
+        pad = width - len(r.input_ids)
+        ids.append(r.input_ids + [pad_id] * pad)
+        labels.append(r.labels + [IGNORE] * pad)
+        pos.append(r.position_ids + list(range(pad)))
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "labels": torch.tensor(labels, dtype=torch.long),
+        "position_ids": torch.tensor(pos, dtype=torch.long),
+    }

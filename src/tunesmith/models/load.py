@@ -1,0 +1,148 @@
+"""Resolve a base model, load it (dtype / 4-bit), and put LoRA on it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def pick_device(pref: str = "auto") -> torch.device:
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if pref.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{pref}' asked for, but no CUDA GPU is visible. Use device=cpu or auto.")
+    return torch.device(pref)
+
+
+def pick_dtype(device: torch.device, pref: str = "auto") -> torch.dtype:
+    """bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU."""
+    if pref != "auto":
+        return DTYPES[pref]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve(name: str) -> str:
+    """Registry name / local folder / .gguf file / hub id -> something from_pretrained takes."""
+    from . import registry
+
+    return registry.resolve(name)
+
+
+def _is_internlm2(path: str) -> bool:
+    from . import internlm2
+
+    return os.path.isdir(path) and internlm2.is_internlm2(path)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    if _is_internlm2(path) and not trust_remote_code:
+        from . import internlm2
+
+        tok = internlm2.load_internlm2_tokenizer(path)
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise UserError(f"could not load a tokenizer from '{path}': {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+    return tok
+
+
+def quant_config(compute_dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("method qlora needs bitsandbytes: pip install 'tunesmith[qlora]' (or bitsandbytes)") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_model(path: str, *, method: str = "lora", dtype: torch.dtype = torch.float32,
+               device: torch.device = torch.device("cpu"), trust_remote_code: bool = False,
+               attn_implementation: str | None = None):
+    """Load a causal LM for training or inference; `method='qlora'` loads the linear weights in NF4."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if method == "qlora":
+        kwargs["quantization_config"] = quant_config(dtype)
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    if _is_internlm2(path) and not trust_remote_code:
+        from . import internlm2
+
+        model = internlm2.load_internlm2(path, **kwargs)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+        except OSError as e:
+            raise UserError(f"could not load a model from '{path}': {e}") from None
+        except ValueError as e:
+            if "trust_remote_code" in str(e):
+                raise UserError(f"'{path}' needs its own modeling code: set model.trust_remote_code: true in the "
+                                "config (or --trust-remote-code) only if you trust its author.") from None
+            raise
+    if method != "qlora":
+        model.to(device)
+    return model
+
+
+def lora_config(r: int, alpha: int, dropout: float, target_modules):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def add_lora(model, cfg, grad_checkpointing: bool):
+    """Freeze the base and add LoRA adapters (all linear layers of the blocks by default)."""
+    from peft import get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_model = get_peft_model(model, lora_config(cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules))
+    # LoRA weights train in fp32 even when the base computes in bf16 (stable AdamW updates)
+    for n, p in peft_model.named_parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return peft_model
+
+
+def load_for_inference(model: str, adapter: str | None = None, *, device: str = "auto", dtype: str = "auto",
+                       trust_remote_code: bool = False):
+    """(model, tokenizer) ready for generation; an adapter dir is applied with peft (not merged)."""
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    path = resolve(model)
+    tok_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else path
+    tok = load_tokenizer(tok_src, trust_remote_code)
+    m = load_model(path, method="lora", dtype=dt, device=dev, trust_remote_code=trust_remote_code)
+    if adapter:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise UserError(f"'{adapter}' is not a PEFT adapter folder (no adapter_config.json)")
+        m = PeftModel.from_pretrained(m, adapter)
+    m.eval()
+    return m, tok
