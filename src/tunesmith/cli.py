@@ -20,7 +20,7 @@ model_app = typer.Typer(no_args_is_help=True, help="Fetch, list and import base 
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _log(msg: str) -> None:
@@ -58,12 +58,14 @@ def data_check(
     trust_remote_code: bool = typer.Option(False, help="allow the model folder's own code"),
 ):
     """Show what the model will learn from a dataset: counts, token lengths, and a sample with its loss mask."""
-    from .data.check import check_file, spans
+    from .data.check import check_dataset, spans
+    from .data.formats import load_dataset
     from .models import load as mload
 
+    ds = load_dataset(file, format)  # data errors first: they need no model
     path = mload.resolve(model)
     tok = mload.load_tokenizer(path, trust_remote_code)
-    rep = check_file(str(file), tok, max_length, format)
+    rep = check_dataset(ds, tok, max_length)
     t = Table(title=f"data check: {file}", show_header=False)
     t.add_row("records", str(rep.records))
     t.add_row("format detected", rep.format)

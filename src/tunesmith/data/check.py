@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .build import length_stats, tokenize
-from .formats import load_dataset
+from .formats import Dataset
 from .template import IGNORE, Rendered
 
 MARK_OPEN, MARK_CLOSE = "«", "»"
@@ -24,12 +24,10 @@ class CheckReport:
     first: Rendered
 
 
-def check_file(path: str, tokenizer, max_length: int, format: str = "auto", fields: dict | None = None,
-               generation_config=None) -> CheckReport:
-    ds = load_dataset(path, format, fields)
+def check_dataset(ds: Dataset, tokenizer, max_length: int, generation_config=None) -> CheckReport:
     samples = tokenize(tokenizer, [r["messages"] for r in ds.records], generation_config)
     return CheckReport(
-        path=str(path), format=ds.format, records=len(ds.records), stats=length_stats(samples),
+        path=ds.path, format=ds.format, records=len(ds.records), stats=length_stats(samples),
         over_length=sum(len(s.input_ids) > max_length for s in samples), max_length=max_length,
         trained_tokens=sum(s.n_trained for s in samples), total_tokens=sum(len(s.input_ids) for s in samples),
         first=samples[0])

@@ -1,0 +1,47 @@
+import subprocess
+import sys
+
+import pytest
+
+from tunesmith.config import copy_config, list_configs, load_config
+from tunesmith.errors import UserError
+
+
+def test_builtin_configs_validate():
+    names = list_configs()
+    assert len(names) >= 4
+    for n in names:
+        load_config(n)
+    assert any("internlm2" in n for n in names) and any("7b" in n for n in names)
+
+
+def test_unknown_key_names_nearest(tmp_path):
+    with pytest.raises(UserError, match=r"unknown key 'train.lrr' — did you mean 'train.lr'"):
+        load_config("smollm2_135m_instruct_lora_persona", ["train.lrr=1"])
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {name: x}\ndata: {persona: {name: a, author: b}}\nmethd: lora\n")
+    with pytest.raises(UserError, match=r"unknown key 'methd' — did you mean 'method'"):
+        load_config(p)
+
+
+def test_overrides_nested_and_typed():
+    cfg = load_config("smollm2_135m_instruct_lora_persona", ["train.lr=0.5", "lora.r=4", "data.persona.langs=[zh]"])
+    assert cfg.train.lr == 0.5 and cfg.lora.r == 4 and cfg.data.persona.langs == ["zh"]
+    with pytest.raises(UserError, match="'method'"):
+        load_config("smollm2_135m_instruct_lora_persona", ["method=qlroa"])
+
+
+def test_list_and_copy(tmp_path):
+    assert list_configs("internlm2") == ["internlm2_chat_1_8b_qlora_persona"]
+    out = copy_config("internlm2_chat_1_8b_qlora_persona", tmp_path)
+    assert load_config(out).method == "qlora"
+    with pytest.raises(UserError, match="(?i)did you mean"):
+        copy_config("internlm2_chat_1_8b_qlora_persna", tmp_path)
+
+
+def test_cli_list_cfg_and_bad_override():
+    r = subprocess.run([sys.executable, "-m", "tunesmith", "list-cfg", "-p", "qwen"], capture_output=True, text=True)
+    assert r.returncode == 0 and "qwen2_5_7b_qlora_alpaca" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "tunesmith", "train", "smollm2_135m_instruct_lora_persona",
+                        "train.bach_size=2"], capture_output=True, text=True)
+    assert r.returncode == 2 and "did you mean 'train.batch_size'" in r.stderr and "Traceback" not in r.stderr
