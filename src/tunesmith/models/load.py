@@ -105,6 +105,14 @@ def load_model(path: str, *, method: str = "lora", dtype: torch.dtype = torch.fl
     return model
 
 
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing on every decoder layer (non-reentrant), across transformers versions."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def lora_config(r: int, alpha: int, dropout: float, target_modules):
     from peft import LoraConfig
 
@@ -119,7 +127,7 @@ def add_lora(model, cfg, grad_checkpointing: bool):
     for p in model.parameters():
         p.requires_grad_(False)
     if grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, lora_config(cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules))
     # LoRA weights train in fp32 even when the base computes in bf16 (stable AdamW updates)

@@ -6,7 +6,9 @@ user stop strings, at max_new_tokens, or when the caller stops iterating (a clie
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator
 
 import torch
@@ -35,6 +37,18 @@ def model_end_ids(model, tokenizer) -> set[int]:
     return end_token_ids(tokenizer, gen_cfg)
 
 
+@lru_cache(maxsize=None)
+def _cache_kw(model_cls: type) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); use whichever this model's forward takes."""
+    params = inspect.signature(model_cls.forward).parameters
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
+def _base_class(model) -> type:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(inner)
+
+
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -61,12 +75,12 @@ def stream_ids(model, input_ids: list[int], params: GenParams, end_ids: set[int]
     if params.seed is not None and params.temperature > 0:
         gen = torch.Generator(device="cpu").manual_seed(params.seed)
     cache = DynamicCache()
+    kw = _cache_kw(_base_class(model))
     x = torch.tensor([input_ids], device=dev)
     pos = 0
     for _ in range(params.max_new_tokens):
         position_ids = torch.arange(pos, pos + x.shape[1], device=dev).unsqueeze(0)
-        out = model(input_ids=x, past_key_values=cache, position_ids=position_ids, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=x, position_ids=position_ids, use_cache=True, **{kw: cache})
         pos += x.shape[1]
         nxt = _sample(out.logits[0, -1].float().cpu(), params, gen)
         if nxt in end_ids:

@@ -121,7 +121,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     model.config.use_cache = False
     if cfg.method == "full":
         if tc.grad_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            mload.enable_checkpointing(model)
         if dtype != torch.float32 and device.type == "cpu":
             model.float()
     else:
@@ -150,7 +150,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * len(rows) / per_step_rows))
     warmup = int(tc.warmup_ratio * total_steps)
     log(f"model: {base} | method {cfg.method} | {device.type} {str(dtype).replace('torch.', '')} | "
-        f"trainable {n_train / 1e6:.2f}M of {n_all / 1e6:.1f}M params")
+        f"trainable {n_train:,} of {n_all:,} params")
     log(f"batch: {tc.batch_size} rows x {tc.grad_accum} accumulation x {world} device(s) = {per_step_rows} rows per "
         f"step; {total_steps} steps (~{total_steps * per_step_rows / len(rows):.2f} epochs)")
 

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+
+from tunesmith.config import Config
+from tunesmith.train import checkpoint as ck
+from tunesmith.train.loop import train
+
+
+def make_cfg(tiny_dir, work, **train_kw):
+    t = {"max_steps": 6, "batch_size": 2, "grad_accum": 2, "lr": 5e-3, "warmup_ratio": 0.2, "save_steps": 3,
+         "sample_steps": 0, "grad_checkpointing": False, "evaluation_inputs": [], "device": "cpu", **train_kw}
+    return Config.model_validate({
+        "model": {"name": str(tiny_dir)},
+        "method": train_kw.pop("method", "lora") if "method" in train_kw else "lora",
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"persona": {"name": "Tuney", "author": "Ada", "langs": ["en"], "n": 24}, "max_length": 128},
+        "train": t,
+        "work_dir": str(work),
+    })
+
+
+def quiet(*a, **k):
+    pass
+
+
+def test_train_writes_peft_adapter_metrics_and_curve(tiny_dir, tmp_path):
+    cfg = make_cfg(tiny_dir, tmp_path / "run", max_steps=12, evaluation_inputs=["Who are you?"], sample_steps=6,
+                   max_new_tokens=4)
+    res = train(cfg, log=quiet)
+    assert len(res.losses) == 12 and all(l == l for l in res.losses)
+    assert sum(res.losses[-3:]) < sum(res.losses[:3])  # it learns
+    # a PEFT adapter folder that plain peft loads
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    PeftModel.from_pretrained(base, str(res.output_dir))
+    work = tmp_path / "run"
+    lines = (work / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 13))
+    assert (work / "loss.png").stat().st_size > 1000
+    assert list((work / "tensorboard").iterdir())
+    assert sorted(p.name for p in (work / "samples").iterdir()) == ["step-000000.json", "step-000006.json",
+                                                                     "step-000012.json"]
+    # keep the last K checkpoints, each with its resolved config
+    ckpts = ck.list_checkpoints(work / "checkpoints")
+    assert [s for s, _ in ckpts] == [9, 12]
+    assert (ckpts[-1][1] / "tunesmith_config.yaml").is_file()
+
+
+def test_resume_matches_uninterrupted(tiny_dir, tmp_path):
+    full = train(make_cfg(tiny_dir, tmp_path / "a"), log=quiet)
+    cfg_b = make_cfg(tiny_dir, tmp_path / "b")
+    train(cfg_b, log=quiet)
+    # simulate a crash after step 3: only the step-3 checkpoint survives
+    import shutil
+
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-000006")
+    resumed = train(cfg_b, resume="auto", log=quiet)
+    assert len(resumed.losses) == 3
+    assert resumed.losses == pytest.approx(full.losses[3:], rel=1e-5, abs=1e-6)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoint_write_is_atomic(tiny_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    opt = torch.optim.AdamW(model.parameters())
+    sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    root = tmp_path / "ck"
+    ck.save_checkpoint(root, 1, model, tok, opt, sch, "x: 1\n", {}, keep=3)
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ck.torch, "save", boom)
+    with pytest.raises(RuntimeError):
+        ck.save_checkpoint(root, 2, model, tok, opt, sch, "x: 1\n", {}, keep=3)
+    assert [s for s, _ in ck.list_checkpoints(root)] == [1]
+    assert sorted(p.name for p in root.iterdir()) == ["step-000001"]
+
+
+def test_merge_matches_base_plus_adapter(tiny_dir, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.export.merge import merge
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(adapter)
+    out = merge(str(tiny_dir), adapter, tmp_path / "merged", dtype="fp32", log=quiet)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(adapter)).eval()
+    ids = torch.tensor([[1, 5, 9, 200, 3000, 42]])
+    with torch.no_grad():
+        a, b = merged(ids).logits, ref(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_dir)(ids).logits
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert (a - plain).abs().max() > 1e-3  # the adapter changed something
+    assert not any(p.name.startswith(".") for p in (tmp_path).iterdir())
