@@ -253,6 +253,27 @@ def chat_cmd(
     raise typer.Exit(chat_repl(m, tok, params, system=system, prompt=prompt))
 
 
+@app.command("serve")
+def serve_cmd(
+    model: str = typer.Argument(..., help="model folder, registry name or hub id"),
+    adapter: Optional[List[str]] = typer.Option(None, help="NAME=DIR: a PEFT adapter served as model NAME; "
+                                                "repeat for more (they share one base in memory)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (loopback only by default)"),
+    port: int = typer.Option(8000),
+    api_key: Optional[str] = typer.Option(None, envvar="TUNESMITH_API_KEY",
+                                          help="require 'Authorization: Bearer KEY' on /v1/*"),
+    max_body_bytes: int = typer.Option(1_000_000, help="largest request body accepted (413 above)"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
+    device: str = typer.Option("auto"),
+    trust_remote_code: bool = False,
+):
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/models) and a web chat page at /."""
+    from .serve.api import parse_adapters, serve
+
+    serve(model, parse_adapters(adapter or []), host=host, port=port, api_key=api_key, device=device,
+          trust_remote_code=trust_remote_code, max_body_bytes=max_body_bytes, threads=threads, log=_log)
+
+
 def main() -> None:
     import click
 
