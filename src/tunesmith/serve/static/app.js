@@ -68,6 +68,7 @@ function setBusy(busy) {
 function autosize() {
   el.input.style.height = "auto";
   el.input.style.height = Math.min(el.input.scrollHeight, 192) + "px";
+  el.input.style.overflowY = el.input.scrollHeight > 192 ? "auto" : "hidden";
 }
 
 // ------------------------------------------------------------------ server
@@ -239,6 +240,7 @@ el.apiKey.addEventListener("change", () => {
 (async function init() {
   el.system.value = localStorage.getItem("tunesmith.system") || "";
   el.apiKey.value = sessionStorage.getItem("tunesmith.key") || "";
+  autosize();
   try {
     const health = await (await fetch("/health")).json();
     if (health.auth_required) el.keyRow.hidden = false;
