@@ -169,7 +169,69 @@ def run_cmd(
         for q, b, a in zip(res.questions, res.before or [""] * len(res.questions), res.after):
             t.add_row(q, b.strip(), a.strip())
         console.print(t)
+    if res.eval_after is not None:
+        _eval_table(res.eval_before, res.eval_after, "persona evaluation on held-out prompts")
+        console.print(f"report: {Path(res.merged_dir).parent / 'eval' / 'eval.md'}")
     console.print(f"merged model: {res.merged_dir}\nchat with it: tunesmith chat {res.merged_dir}")
+
+
+def _eval_table(before: dict | None, after: dict, title: str) -> None:
+    from .evaluate.persona import table_rows
+
+    t = Table(title=title)
+    t.add_column("lang")
+    for col in ("identity", "leakage", "retention"):
+        if before is not None:
+            t.add_column(f"{col} before")
+        t.add_column(f"{col} after" if before is not None else col)
+    b_rows = table_rows(before) if before is not None else None
+    for i, row in enumerate(table_rows(after)):
+        cells = [row[0]]
+        for k in (1, 2, 3):
+            if b_rows is not None:
+                cells.append(b_rows[i][k])
+            cells.append(row[k])
+        t.add_row(*cells)
+    console.print(t)
+    if after.get("loglik_shift") is not None:
+        console.print(f"log-likelihood shift of the base model's own answers: {after['loglik_shift']:+.4f} nats/token")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="model folder, registry name or hub id"),
+    persona: Path = typer.Option(..., help="persona.yaml (name, author, langs) or a tunesmith config"),
+    adapter: Optional[Path] = typer.Option(None, help="PEFT adapter to evaluate on MODEL (MODEL is then the base)"),
+    base: Optional[str] = typer.Option(None, help="base model, for retention figures (not needed with --adapter)"),
+    out: Path = typer.Option(Path("eval_report"), help="folder for eval.json and eval.md"),
+    limit: Optional[int] = typer.Option(None, help="prompts per pool and language"),
+    max_new_tokens: int = typer.Option(64),
+    device: str = typer.Option("auto"),
+    trust_remote_code: bool = False,
+):
+    """Identity rate, leakage rate and retention on held-out prompts; JSON + Markdown report."""
+    import gc
+
+    from .evaluate import persona as pev
+    from .models import load as mload
+
+    spec = pev.load_persona_spec(persona)
+    baseline = None
+    if adapter:
+        m, tok = mload.load_for_inference(model, str(adapter), device=device, trust_remote_code=trust_remote_code)
+        with m.disable_adapter():
+            baseline = pev.run_pools(m, tok, spec, max_new_tokens, limit, _log)
+    else:
+        if base:
+            bm, btok = mload.load_for_inference(base, device=device, trust_remote_code=trust_remote_code)
+            baseline = pev.run_pools(bm, btok, spec, max_new_tokens, limit, _log)
+            del bm
+            gc.collect()
+        m, tok = mload.load_for_inference(model, device=device, trust_remote_code=trust_remote_code)
+    result = pev.evaluate(m, tok, spec, baseline, max_new_tokens, limit, _log)
+    jp, mp = pev.write_report(result, out)
+    _eval_table(None, result, f"persona evaluation: {model}{' + ' + str(adapter) if adapter else ''}")
+    console.print(f"wrote {jp} and {mp}")
 
 
 # ----------------------------------------------------------------------------- models
@@ -264,6 +326,7 @@ def serve_cmd(
                                           help="require 'Authorization: Bearer KEY' on /v1/*"),
     max_body_bytes: int = typer.Option(1_000_000, help="largest request body accepted (413 above)"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)"),
+    batch_size: int = typer.Option(16, help="requests decoded together at most (1: one at a time)"),
     device: str = typer.Option("auto"),
     trust_remote_code: bool = False,
 ):
@@ -271,7 +334,8 @@ def serve_cmd(
     from .serve.api import parse_adapters, serve
 
     serve(model, parse_adapters(adapter or []), host=host, port=port, api_key=api_key, device=device,
-          trust_remote_code=trust_remote_code, max_body_bytes=max_body_bytes, threads=threads, log=_log)
+          trust_remote_code=trust_remote_code, max_body_bytes=max_body_bytes, threads=threads,
+          batch_size=batch_size, log=_log)
 
 
 def main() -> None:

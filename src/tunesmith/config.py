@@ -91,12 +91,21 @@ class TrainCfg(_Strict):
     device: str = "auto"
 
 
+class EvalCfg(_Strict):
+    """`tunesmith run`: persona evaluation (identity / leakage / retention) before and after training."""
+
+    enabled: bool = True
+    max_new_tokens: int = 64
+    limit: int | None = None  # prompts per pool and language (None: all)
+
+
 class Config(_Strict):
     model: ModelCfg
     method: Literal["full", "lora", "qlora"] = "qlora"
     lora: LoraCfg = LoraCfg()
     data: DataCfg
     train: TrainCfg = TrainCfg()
+    eval: EvalCfg = EvalCfg()
     work_dir: str = "work_dirs/run"
 
 
