@@ -1,10 +1,11 @@
 """OpenAI-compatible HTTP API and the web chat page, over one base model and any number of LoRA adapters.
 
-Concurrency: one worker thread owns the model and runs one generation at a time, in arrival order. A request
-puts a `Job` on the worker's queue and awaits its text pieces on an `asyncio.Queue`, which the worker feeds
-with `loop.call_soon_threadsafe`; the event loop never runs model compute, so it keeps accepting, queueing
-and streaming while the model works. A client that goes away cancels its job: a queued job is skipped, a
-running one stops at its next token (its generator is closed) and the next job starts.
+Concurrency: one worker thread owns the model. A request puts a `Job` on the engine's waiting line and awaits
+its text pieces on an `asyncio.Queue`, which the worker feeds with `loop.call_soon_threadsafe`; the event loop
+never runs model compute, so it keeps accepting, queueing and streaming while the model works. The worker
+takes waiting jobs in arrival order and decodes those for the same model (base or one adapter) together as a
+batch, up to a size and a KV-token budget. A client that goes away cancels its job: a waiting job is skipped,
+a running one stops at its next token (its row leaves the batch) and frees its place.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
+
+import torch
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data.template import prompt_ids
 from ..errors import UserError
-from .generate import Finish, GenParams, model_end_ids, stream_chat
+from .generate import Finish, GenParams, _sample, model_end_ids, stream_chat
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY = 1_000_000  # bytes
@@ -169,92 +173,162 @@ class Job:
     adapter: str | None  # None: the base model
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
+    prompt: list[int] = field(default_factory=list)  # the rendered prompt's token ids
     finish: Finish = field(default_factory=Finish)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    finish_sent: bool = False  # "done" or "error" was emitted (worker thread only)
 
     def cancel(self) -> None:
         self.cancelled.set()
 
+    def emit(self, kind: str, value: Any = None) -> None:
+        """Hand an event to the request's coroutine (from the worker thread)."""
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed: nobody listens any more
+            self.cancel()
+
+
+class _ShuttingDown(RuntimeError):
+    pass
+
 
 class Engine:
-    """Owns the model: one worker thread runs queued jobs one at a time, in arrival order."""
+    """Owns the model. One worker thread takes waiting jobs in arrival order and decodes up to `batch_size` of
+    them for the same model (base or one adapter) together, continuously: waiting jobs join the running batch
+    between steps, finished ones leave it at once. `batch_tokens` bounds a batch's padded width + new tokens
+    times its rows, i.e. its KV-cache memory. `batch_size=1` runs one job at a time through `stream_chat`."""
 
-    def __init__(self, model, tokenizer, adapters: list[str], max_waiting: int = 1024):
+    def __init__(self, model, tokenizer, adapters: list[str], max_waiting: int = 1024, batch_size: int = 16,
+                 batch_tokens: int = 32768):
         self.model, self.tokenizer, self.adapters = model, tokenizer, adapters
         self.end_ids = model_end_ids(model, tokenizer)
-        self.max_waiting = max_waiting
         self.context = context_length(model, tokenizer)
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self.max_waiting, self.batch_size, self.batch_tokens = max_waiting, max(1, batch_size), batch_tokens
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._waiting: deque[Job] = deque()
+        self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self.busy = False
-        self.completed = self.cancelled = self.failed = 0
+        self._stopping = False
+        self.running = 0  # jobs in the batch now running
+        # counters: jobs completed / cancelled / failed, batches run, most rows a batch held
+        self.completed = self.cancelled = self.failed = self.batches = self.largest = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.running > 0
 
     @property
     def waiting(self) -> int:
-        return self._jobs.qsize()
+        return len(self._waiting)
 
     def submit(self, job: Job) -> None:
-        with self._lock:
+        with self._cv:
+            if len(self._waiting) >= self.max_waiting:
+                raise APIError(503, f"the server is busy ({self.max_waiting} requests waiting); retry later",
+                               type="server_error", code="server_overloaded")
             if self._thread is None:
+                self._stopping = False
                 self._thread = threading.Thread(target=self._run, name="tunesmith-generate", daemon=True)
                 self._thread.start()
-        if self._jobs.qsize() >= self.max_waiting:
-            raise APIError(503, f"the server is busy ({self.max_waiting} requests waiting); retry later",
-                           type="server_error", code="server_overloaded")
-        self._jobs.put(job)
+            self._waiting.append(job)
+            self._cv.notify()
 
     def stop(self) -> None:
-        with self._lock:
-            if self._thread is not None:
-                self._jobs.put(None)
-                self._thread.join(timeout=30)
-                self._thread = None
+        with self._cv:
+            thread, self._thread, self._stopping = self._thread, None, True
+            self._cv.notify()
+        if thread is not None:
+            thread.join(timeout=30)
+
+    def _take(self, batch: "_Batch | None") -> list[Job]:
+        """Waiting jobs to start now (the caller holds the lock). A new batch starts with the oldest job and the
+        waiting jobs for the same model; a running batch takes more of those only while the oldest waiting job
+        is for its model too (so one for another model waits just until this batch drains), within the batch
+        size and token budget."""
+        while self._waiting and self._waiting[0].cancelled.is_set():
+            self._waiting.popleft()
+            self.cancelled += 1
+        if not self._waiting:
+            return []
+        head = self._waiting[0]
+        if batch is None:
+            adapter, rows, width, most_new = head.adapter, 0, 0, 0
+        elif head.adapter != batch.adapter or not batch.can_join:
+            return []
+        else:
+            adapter, rows, width, most_new = batch.adapter, len(batch.rows), batch.width, batch.most_new
+        out: list[Job] = []
+        for job in list(self._waiting):
+            if rows + len(out) >= self.batch_size:
+                break
+            if job.adapter != adapter or job.cancelled.is_set():
+                continue
+            w, m = max(width, len(job.prompt)), max(most_new, job.params.max_new_tokens)
+            if (rows or out) and (rows + len(out) + 1) * (w + m) > self.batch_tokens:
+                continue  # the first job of a batch always goes, whatever its size
+            self._waiting.remove(job)
+            out.append(job)
+            width, most_new = w, m
+        return out
 
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            if job.cancelled.is_set():  # the client left while waiting
-                self.cancelled += 1
-                continue
-            self.busy = True
-            try:
-                self._generate(job)
-            finally:
-                self.busy = False
+            with self._cv:
+                while not self._waiting and not self._stopping:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                jobs = self._take(None)
+            if jobs:
+                self._serve(jobs)
 
-    def _generate(self, job: Job) -> None:
-        def emit(kind: str, value: Any = None) -> None:
-            try:
-                job.loop.call_soon_threadsafe(job.out.put_nowait, (kind, value))
-            except RuntimeError:  # the event loop is closed: nobody listens any more
-                job.cancel()
-
+    def _serve(self, jobs: list[Job]) -> None:
+        """Run `jobs` (all for one model) to the end, taking in more waiting jobs for it between steps."""
+        active = list(jobs)
+        self.batches += 1
         try:
-            with self._select(job.adapter):
-                pieces = stream_chat(self.model, self.tokenizer, job.messages, job.params, job.finish, self.end_ids)
-                try:
-                    for piece in pieces:
-                        if job.cancelled.is_set():
-                            break
-                        emit("piece", piece)
-                finally:
-                    pieces.close()  # stops generation when the client went away
-            if job.cancelled.is_set():
-                self.cancelled += 1
-            else:
-                self.completed += 1
-            emit("done", job.finish)
-        except Exception as e:  # noqa: BLE001 - reported to the client, logged here
-            self.failed += 1
-            log.exception("generation failed")
-            emit("error", e)
+            with self._select(jobs[0].adapter):
+                if self.batch_size == 1:  # strictly one at a time, through the shared single-sequence loop
+                    self.running = self.largest = 1
+                    self._one(jobs[0])
+                    self._retire(jobs[0])
+                    return
+                batch = _Batch(self, jobs[0].adapter)
+                while jobs or batch.rows:
+                    if self._stopping:
+                        raise _ShuttingDown("the server is shutting down")
+                    if jobs:
+                        batch.add(jobs)
+                        self.largest = max(self.largest, len(batch.rows))
+                    if batch.rows:
+                        batch.step()
+                    with self._cv:
+                        jobs = self._take(batch)
+                    active = [j for j in active if not j.finish_sent] + jobs
+        except Exception as e:  # noqa: BLE001 - reported to the clients, logged here
+            if not isinstance(e, _ShuttingDown):
+                log.exception("generation failed")
+            for job in active:
+                if not job.finish_sent:
+                    self.failed += 1
+                    job.finish_sent = True
+                    job.emit("error", e)
+        finally:
+            self.running = 0
+
+    def _retire(self, job: Job) -> None:
+        """A job is finished (or its client left): count it and tell its request."""
+        if job.cancelled.is_set():
+            self.cancelled += 1
+        else:
+            self.completed += 1
+        job.finish_sent = True
+        job.emit("done", job.finish)
 
     @contextmanager
     def _select(self, adapter: str | None):
-        """Activate `adapter` (or none: the base) on the shared PEFT model for one job; worker thread only."""
+        """Activate `adapter` (or none: the base) on the shared PEFT model; worker thread only."""
         if not self.adapters:
             yield
         elif adapter is None:
@@ -263,6 +337,180 @@ class Engine:
         else:
             self.model.set_adapter(adapter)
             yield
+
+    def _one(self, job: Job) -> None:
+        pieces = stream_chat(self.model, self.tokenizer, job.messages, job.params, job.finish, self.end_ids)
+        try:
+            for piece in pieces:
+                if job.cancelled.is_set():
+                    break
+                job.emit("piece", piece)
+        finally:
+            pieces.close()  # stops generation when the client went away
+
+
+def _forward_kwargs() -> tuple[str, bool]:
+    """transformers renamed `past_key_values` to `cache` (5.2x); `logits_to_keep` skips the prompt's logits."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    params = inspect.signature(LlamaForCausalLM.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+_CACHE_KW, _KEEP_LOGITS = _forward_kwargs()
+
+
+def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+class _Batch:
+    """Sequences decoding together on one KV cache (continuous batching). Joining rows are prefilled on a
+    cache of their own, which is then left-padded and stacked onto the batch's; finished rows leave it."""
+
+    def __init__(self, engine: Engine, adapter: str | None):
+        self.e, self.adapter = engine, adapter
+        self.dev = next(engine.model.parameters()).device
+        self.rows: list[_Decoder] = []
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # [rows, width]: 1 where the cache holds a real token
+        self.next: list[int] = []  # each row's sampled token, not yet fed to the model
+
+    @property
+    def width(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    @property
+    def most_new(self) -> int:
+        return max((d.p.max_new_tokens - len(d.out) for d in self.rows), default=0)
+
+    @property
+    def can_join(self) -> bool:
+        """Stacking caches needs plain per-layer key/value tensors."""
+        from transformers.cache_utils import DynamicLayer
+
+        return self.cache is None or all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    @torch.inference_mode()
+    def add(self, jobs: list[Job]) -> None:
+        from transformers import DynamicCache
+
+        rows = [_Decoder(j, self.e.tokenizer, self.e.end_ids) for j in jobs]
+        width, pad = max(len(j.prompt) for j in jobs), self.e.pad_id
+        ids = torch.tensor([[pad] * (width - len(j.prompt)) + j.prompt for j in jobs], device=self.dev)
+        mask = torch.tensor([[0] * (width - len(j.prompt)) + [1] * len(j.prompt) for j in jobs], device=self.dev)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, cache)
+        nxt = [d.sample(logits[i]) for i, d in enumerate(rows)]
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+        else:
+            width = max(self.width, mask.shape[1])
+            for a, b in zip(self.cache.layers, cache.layers):
+                a.keys = torch.cat([_left_pad(a.keys, width, -2), _left_pad(b.keys, width, -2)], dim=0)
+                a.values = torch.cat([_left_pad(a.values, width, -2), _left_pad(b.values, width, -2)], dim=0)
+            self.mask = torch.cat([_left_pad(self.mask, width, 1), _left_pad(mask, width, 1)], dim=0)
+        first = len(self.rows)
+        self.rows += rows
+        self.next += nxt
+        self.e.running = len(self.rows)
+        self._push(range(first, len(self.rows)))
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        ids = torch.tensor(self.next, device=self.dev).unsqueeze(1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        logits = self._forward(ids, self.mask, self.cache)
+        self.next = [d.sample(logits[i]) for i, d in enumerate(self.rows)]
+        self._push(range(len(self.rows)))
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        n = ids.shape[1]
+        pos = (mask.sum(-1, keepdim=True) - n + torch.arange(n, device=self.dev)).clamp(min=0)
+        kw = {_CACHE_KW: cache, "logits_to_keep": 1} if _KEEP_LOGITS else {_CACHE_KW: cache}
+        out = self.e.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
+        return out.logits[:, -1].float().cpu()
+
+    def _push(self, which) -> None:
+        """Hand each row its sampled token; rows that finish leave the batch."""
+        done = {i for i in which if not self.rows[i].push(self.next[i])}
+        if not done:
+            return
+        keep = [i for i in range(len(self.rows)) if i not in done]
+        self.e.running = len(keep)
+        for i in done:
+            self.e._retire(self.rows[i].job)
+        if not keep:
+            self.rows, self.next, self.cache, self.mask = [], [], None, None
+            return
+        idx = torch.tensor(keep, device=self.dev)
+        self.cache.batch_select_indices(idx)
+        self.rows, self.next, self.mask = [self.rows[i] for i in keep], [self.next[i] for i in keep], self.mask[idx]
+        start = int(self.mask.any(dim=0).nonzero()[0])  # columns that are padding in every row left
+        if start and self.can_join:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+
+
+class _Decoder:
+    """One job's share of a batched decode: sampling, end tokens, stop strings and text pieces, as
+    `stream_chat` does for a single sequence."""
+
+    def __init__(self, job: Job, tokenizer, end_ids: set[int]):
+        self.job, self.tokenizer, self.end_ids, self.p = job, tokenizer, end_ids, job.params
+        self.gen = torch.Generator().manual_seed(self.p.seed) if self.p.seed is not None and \
+            self.p.temperature > 0 else None
+        self.out: list[int] = []
+        self.emitted = ""
+        self.hold = max((len(s) - 1 for s in self.p.stop), default=0)
+        job.finish.prompt_tokens, job.finish.completion_tokens, job.finish.reason = len(job.prompt), 0, "length"
+
+    def sample(self, logits: torch.Tensor) -> int:
+        return _sample(logits, self.p, self.gen)
+
+    def push(self, tok: int) -> bool:
+        """Take the next token; False once this sequence is finished."""
+        job, f = self.job, self.job.finish
+        if job.cancelled.is_set():
+            return False
+        if tok in self.end_ids:
+            f.reason = "stop"
+            self._flush()
+            return False
+        self.out.append(tok)
+        f.completion_tokens = len(self.out)
+        text = self.tokenizer.decode(self.out, skip_special_tokens=True)
+        if self.p.stop:
+            cut = min((text.find(s) for s in self.p.stop if s in text), default=-1)
+            if cut >= 0:
+                if cut > len(self.emitted):
+                    job.emit("piece", text[len(self.emitted):cut])
+                f.reason = "stop"
+                return False
+        if len(self.out) >= self.p.max_new_tokens:
+            f.reason = "length"
+            self._flush(text)
+            return False
+        if not text.endswith("\ufffd"):  # an unfinished multi-byte character waits for the next token
+            safe = len(text) - self.hold
+            if safe > len(self.emitted):
+                job.emit("piece", text[len(self.emitted):safe])
+                self.emitted = text[:safe]
+        return True
+
+    def _flush(self, text: str | None = None) -> None:
+        text = self.tokenizer.decode(self.out, skip_special_tokens=True) if text is None else text
+        if len(text) > len(self.emitted):
+            self.job.emit("piece", text[len(self.emitted):])
+            self.emitted = text
 
 
 async def _events(job: Job) -> AsyncIterator[tuple[str, Any]]:
@@ -406,15 +654,20 @@ def attach_adapters(model, adapters: dict[str, str]):
 
 def create_app(model, tokenizer, adapters: dict[str, str] | None, base_name: str, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-               max_waiting: int = 1024) -> FastAPI:
-    """The server app. With adapters, they are loaded onto `model` in place (one base in memory)."""
+               max_waiting: int = 1024, batch_size: int = 16, batch_tokens: int = 32768) -> FastAPI:
+    """The server app. With adapters, they are loaded onto `model` in place (one base in memory).
+
+    Up to `batch_size` requests for the same model decode together (1: strictly one at a time); `batch_tokens`
+    caps rows x (padded width + new tokens) of a batch, i.e. its KV-cache memory.
+    """
     adapters = dict(adapters or {})
     if base_name in adapters:
         raise UserError(f"an adapter may not share the base model's name '{base_name}'")
     if adapters:
         model = attach_adapters(model, adapters)
     model.eval()
-    engine = Engine(model, tokenizer, list(adapters), max_waiting=max_waiting)
+    engine = Engine(model, tokenizer, list(adapters), max_waiting=max_waiting, batch_size=batch_size,
+                    batch_tokens=batch_tokens)
     created = int(time.time())
     names = [base_name, *adapters]
 
@@ -457,7 +710,8 @@ def create_app(model, tokenizer, adapters: dict[str, str] | None, base_name: str
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "auth_required": bool(api_key), "busy": engine.busy, "waiting": engine.waiting}
+        return {"status": "ok", "auth_required": bool(api_key), "running": engine.running,
+                "waiting": engine.waiting}
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "tunesmith",
@@ -487,10 +741,11 @@ def create_app(model, tokenizer, adapters: dict[str, str] | None, base_name: str
         messages = _messages(req)
         stops = _stops(req.stop)
         try:
-            n_prompt = len(await asyncio.to_thread(prompt_ids, tokenizer, messages))
+            ids = await asyncio.to_thread(prompt_ids, tokenizer, messages)
         except Exception as e:  # noqa: BLE001 - the chat template rejects this conversation (e.g. role order)
             raise APIError(400, f"the model's chat template cannot render these messages: {e}",
                            param="messages") from None
+        n_prompt = len(ids)
         asked = req.max_completion_tokens or req.max_tokens
         room = engine.context - n_prompt
         if (asked or 1) > room:
@@ -501,7 +756,8 @@ def create_app(model, tokenizer, adapters: dict[str, str] | None, base_name: str
         params = GenParams(max_new_tokens=asked or min(default_max_tokens, room),
                            temperature=1.0 if req.temperature is None else req.temperature,
                            top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=stops)
-        job = Job(messages, params, None if name == base_name else name, asyncio.get_running_loop(), asyncio.Queue())
+        job = Job(messages, params, None if name == base_name else name, asyncio.get_running_loop(), asyncio.Queue(),
+                  prompt=ids)
         engine.submit(job)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
@@ -634,7 +890,7 @@ class BackgroundServer:
 
 def serve(model_name: str, adapters: dict[str, str] | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
-          max_body_bytes: int = DEFAULT_MAX_BODY, threads: int | None = None,
+          max_body_bytes: int = DEFAULT_MAX_BODY, threads: int | None = None, batch_size: int = 16,
           log: Callable[[str], None] = print) -> None:
     """Load the model (and adapters) and serve the API and the chat page until interrupted.
 
@@ -656,7 +912,8 @@ def serve(model_name: str, adapters: dict[str, str] | None = None, host: str = "
                                         trust_remote_code=trust_remote_code)
         local = Path(model_name).expanduser()
         base_name = local.resolve().name if local.is_dir() else model_name
-        app = create_app(model, tok, adapters, base_name, api_key=api_key, max_body_bytes=max_body_bytes)
+        app = create_app(model, tok, adapters, base_name, api_key=api_key, max_body_bytes=max_body_bytes,
+                         batch_size=batch_size)
         h, p = sock.getsockname()[:2]
         shown = f"[{h}]" if ":" in h else h
         log(f"serving {', '.join([base_name, *(adapters or {})])} on http://{shown}:{p}  "
