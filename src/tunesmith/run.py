@@ -25,10 +25,11 @@ class RunResult:
     eval_after: dict | None = None
 
 
-def run(cfg: Config, resume: str | None = None, log=print) -> RunResult:
+def run(cfg: Config, resume: str | None = None, log=print, eval_spec: pev.PersonaSpec | None = None) -> RunResult:
+    """`eval_spec`: the persona to evaluate against (default: the config's `data.persona`, if any)."""
     work = Path(cfg.work_dir)
     p = cfg.data.persona
-    spec = pev.PersonaSpec(p.name, p.author, list(p.langs), p.system) if p else None
+    spec = eval_spec or (pev.PersonaSpec(p.name, p.author, list(p.langs), p.system) if p else None)
     do_eval = spec is not None and cfg.eval.enabled
     ev = cfg.eval
     baseline = eval_before = None

@@ -151,7 +151,7 @@ def greedy_batch(model, tokenizer, conversations: list[list[dict]], max_new_toke
             ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[r, width - len(encoded[i]):] = 1
         out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=end_ids, pad_token_id=pad)
+                             do_sample=False, eos_token_id=end_ids, pad_token_id=pad, use_cache=True)
         for r, i in enumerate(idx):
             gen = out[r, width:].tolist()
             cut = next((k for k, t in enumerate(gen) if t in end_ids), len(gen))
