@@ -85,7 +85,10 @@ def load_model(path: str, *, method: str = "lora", dtype: torch.dtype = torch.fl
         kwargs["attn_implementation"] = attn_implementation
     if method == "qlora":
         kwargs["quantization_config"] = quant_config(dtype)
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    if device.type == "cuda":  # load straight onto the GPU, no CPU copy first
+        kwargs["device_map"] = {"": device.index or 0}
+    elif method == "qlora":
+        kwargs["device_map"] = {"": "cpu"}
     if _is_internlm2(path) and not trust_remote_code:
         from . import internlm2
 
@@ -100,7 +103,7 @@ def load_model(path: str, *, method: str = "lora", dtype: torch.dtype = torch.fl
                 raise UserError(f"'{path}' needs its own modeling code: set model.trust_remote_code: true in the "
                                 "config (or --trust-remote-code) only if you trust its author.") from None
             raise
-    if method != "qlora":
+    if method != "qlora" and device.type != "cuda":
         model.to(device)
     return model
 

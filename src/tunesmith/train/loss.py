@@ -14,7 +14,7 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 4096) -> tuple[torch.Tensor, int]:
+def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int | None = None) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over trained tokens, and their count.
 
     The decoder runs once; the output projection runs per chunk of trained positions under activation
@@ -33,6 +33,8 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int = 4096)
     n = int(t.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0
+    if chunk is None:  # about 256M fp32 logits per chunk at most (1 GiB), whatever the vocabulary
+        chunk = max(256, (1 << 28) // head.weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, n, chunk):
         hi, ti = h[i:i + chunk], t[i:i + chunk]
