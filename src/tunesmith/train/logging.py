@@ -87,8 +87,10 @@ def plot_loss(metrics_path: Path, out: Path) -> Path | None:
         losses.append(rec["loss"])
     if not steps:
         return None
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # plotting is a nicety; metrics.jsonl and TensorBoard hold the numbers
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
