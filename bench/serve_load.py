@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import httpx
@@ -210,7 +210,9 @@ def main() -> None:
         else:
             proc, url, _ = start_server(args)
             model = None  # the base
-        asyncio.run(run_level(url, headers, model, 1, 1, 4, 0.0))  # warm-up
+        # warm-up at the highest concurrency: first-time shapes (batch sizes, cache widths) are slow on a GPU
+        top = max(levels)
+        asyncio.run(run_level(url, headers, model, top, 2 * top, min(args.max_tokens, 16), 0.0))
         rows = []
         for n in levels:
             samples, wall = asyncio.run(run_level(url, headers, model, n, n * args.rounds, args.max_tokens,

@@ -73,7 +73,7 @@ def test_chat_page(url, browser):
     from selenium.webdriver.common.keys import Keys
 
     d = browser
-    find = lambda css: d.find_element(By.CSS_SELECTOR, css)  # noqa: E731
+    find = lambda css: d.find_element(By.CSS_SELECTOR, css)
     d.get(url + "/")
     assert d.title == "tunesmith chat"
 

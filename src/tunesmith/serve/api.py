@@ -12,23 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import ipaddress
 import json
 import logging
-import queue
 import re
 import socket
 import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import torch
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
@@ -206,6 +206,12 @@ class Engine:
         self.context = context_length(model, tokenizer)
         self.max_waiting, self.batch_size, self.batch_tokens = max_waiting, max(1, batch_size), batch_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # transformers renamed `past_key_values` to `cache` (5.2x; remote-code models keep the old name), and
+        # `logits_to_keep` spares computing the prompt's logits: use what this model's forward takes
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(type(base).forward).parameters
+        self.cache_kw = "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+        self.keep_logits = "logits_to_keep" in params
         self._waiting: deque[Job] = deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -241,7 +247,7 @@ class Engine:
         if thread is not None:
             thread.join(timeout=30)
 
-    def _take(self, batch: "_Batch | None") -> list[Job]:
+    def _take(self, batch: _Batch | None) -> list[Job]:
         """Waiting jobs to start now (the caller holds the lock). A new batch starts with the oldest job and the
         waiting jobs for the same model; a running batch takes more of those only while the oldest waiting job
         is for its model too (so one for another model waits just until this batch drains), within the batch
@@ -306,7 +312,7 @@ class Engine:
                     with self._cv:
                         jobs = self._take(batch)
                     active = [j for j in active if not j.finish_sent] + jobs
-        except Exception as e:  # noqa: BLE001 - reported to the clients, logged here
+        except Exception as e:
             if not isinstance(e, _ShuttingDown):
                 log.exception("generation failed")
             for job in active:
@@ -347,19 +353,6 @@ class Engine:
                 job.emit("piece", piece)
         finally:
             pieces.close()  # stops generation when the client went away
-
-
-def _forward_kwargs() -> tuple[str, bool]:
-    """transformers renamed `past_key_values` to `cache` (5.2x); `logits_to_keep` skips the prompt's logits."""
-    import inspect
-
-    from transformers import LlamaForCausalLM
-
-    params = inspect.signature(LlamaForCausalLM.forward).parameters
-    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
-
-
-_CACHE_KW, _KEEP_LOGITS = _forward_kwargs()
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -434,7 +427,7 @@ class _Batch:
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         n = ids.shape[1]
         pos = (mask.sum(-1, keepdim=True) - n + torch.arange(n, device=self.dev)).clamp(min=0)
-        kw = {_CACHE_KW: cache, "logits_to_keep": 1} if _KEEP_LOGITS else {_CACHE_KW: cache}
+        kw = {self.e.cache_kw: cache, **({"logits_to_keep": 1} if self.e.keep_logits else {})}
         out = self.e.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
         return out.logits[:, -1].float().cpu()
 
@@ -867,7 +860,7 @@ class BackgroundServer:
         self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
-    def start(self) -> "BackgroundServer":
+    def start(self) -> BackgroundServer:
         self.thread.start()
         t0 = time.monotonic()
         while not self.server.started:
@@ -881,7 +874,7 @@ class BackgroundServer:
         self.thread.join(timeout=30)
         self.sock.close()
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
