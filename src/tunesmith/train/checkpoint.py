@@ -15,10 +15,14 @@ STEP_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.pt"
 
 
-def save_model_dir(model, tokenizer, out: Path, config_yaml: str | None = None) -> None:
-    """Write an adapter (PEFT) or full model folder with tokenizer and resolved config into `out` (not atomic)."""
+def save_model_dir(model, tokenizer, out: Path, config_yaml: str | None = None, state_dict: dict | None = None
+                   ) -> None:
+    """Write an adapter (PEFT) or full model folder with tokenizer and resolved config into `out` (not atomic).
+
+    `state_dict`: the model's weights gathered from a sharded model (else they are read from `model`).
+    """
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     if config_yaml is not None:
         (out / "tunesmith_config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -66,11 +70,13 @@ def set_rng_state(st: dict) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, optimizer, scheduler, config_yaml: str,
-                    extra: dict, keep: int) -> Path:
+                    extra: dict, keep: int, model_state: dict | None = None, optim_state: dict | None = None) -> Path:
+    """`model_state` / `optim_state`: full state dicts gathered from a sharded run (else read from the objects)."""
     final = ckpt_root / f"step-{step:06d}"
     with atomic_dir(final) as tmp:
-        save_model_dir(model, tokenizer, tmp, config_yaml)
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        save_model_dir(model, tokenizer, tmp, config_yaml, state_dict=model_state)
+        optim_state = optimizer.state_dict() if optim_state is None else optim_state
+        torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                     "rng": rng_state(), **extra}, tmp / STATE_FILE)
     prune(ckpt_root, keep)
     return final

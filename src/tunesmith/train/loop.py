@@ -2,10 +2,14 @@
 
 setup (model, data, optimizer) -> for each step: accumulate micro-batches, clip, step, schedule, log,
 sample chats, checkpoint -> save the final adapter (or model), metrics and loss curve.
+
+Under torchrun the same loop runs on every rank with the model sharded (FSDP2); `distributed.py` holds
+those details and is a no-op for one process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -19,10 +23,12 @@ import torch
 from ..config import Config, dump_config
 from ..data.build import gather_conversations, length_stats, prepare
 from ..data.packing import collate
+from ..data.regularize import cached_self_distill
 from ..errors import UserError
 from ..models import load as mload
 from ..serve.generate import GenParams, chat_once
 from . import checkpoint as ck
+from . import distributed
 from .logging import RunLogger
 from .loss import causal_lm_loss_sum
 
@@ -35,6 +41,10 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     samples: dict[int, list[str]] = field(default_factory=dict)
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
 def seed_all(seed: int) -> None:
@@ -86,11 +96,15 @@ def sample_chats(model, tokenizer, inputs: list[str], system: str | None, max_ne
 def train(cfg: Config, resume: str | None = None, log=print, extra_conversations: list[list[dict]] | None = None
           ) -> TrainResult:
     tc = cfg.train
+    dist = distributed.setup(tc.device)  # one process, or this rank of a torchrun job
+    if not dist.is_main:
+        log = _quiet
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     ckpt_root = work / "checkpoints"
     config_yaml = dump_config(cfg)
-    (work / "config.yaml").write_text(config_yaml, encoding="utf-8")
+    if dist.is_main:
+        (work / "config.yaml").write_text(config_yaml, encoding="utf-8")
 
     # ---- resume point
     resume_dir = None
@@ -106,7 +120,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
                 raise UserError(f"--resume {resume}: not a tunesmith checkpoint (no {ck.STATE_FILE})")
 
     seed_all(tc.seed)
-    device = mload.pick_device(tc.device)
+    device = dist.device
     dtype = mload.pick_dtype(device, cfg.model.dtype)
     if cfg.method == "qlora" and device.type == "cpu" and dtype != torch.float32:
         dtype = torch.float32
@@ -115,10 +129,21 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     base = mload.resolve(cfg.model.name)
     tokenizer = mload.load_tokenizer(base, cfg.model.trust_remote_code)
     load_from = str(resume_dir) if (resume_dir and cfg.method == "full") else base
-    model = mload.load_model(load_from, method=cfg.method, dtype=dtype, device=device,
-                             trust_remote_code=cfg.model.trust_remote_code,
-                             attn_implementation=cfg.model.attn_implementation)
+    model = distributed.load_model(dist, load_from, method=cfg.method, dtype=dtype,
+                                   trust_remote_code=cfg.model.trust_remote_code,
+                                   attn_implementation=cfg.model.attn_implementation)
     model.config.use_cache = False
+
+    # ---- data: persona + files, plus self-distillation answers written by the base model before training
+    convs = gather_conversations(cfg.data) + list(extra_conversations or [])
+    reg = cfg.data.regularize
+    if reg.ratio > 0:
+        langs = cfg.data.persona.langs if cfg.data.persona else ["en", "zh"]
+        system = cfg.data.persona.system if cfg.data.persona else None
+        n_reg = round(reg.ratio * len(convs))
+        key = hashlib.sha256(json.dumps([base, langs, n_reg, reg.max_new_tokens, system, tc.seed]).encode()).hexdigest()
+        convs += cached_self_distill(work / f"regularize-{key[:12]}.jsonl", model, tokenizer, reg, langs, n_reg,
+                                     system, tc.seed, dist.is_main, log)
     if cfg.method == "full":
         if tc.grad_checkpointing:
             mload.enable_checkpointing(model)
@@ -133,9 +158,8 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
             set_peft_model_state_dict(model, load_file(str(resume_dir / "adapter_model.safetensors")))
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
+    root = distributed.shard(dist, model)  # root(fn, *args) = fn(model, *args); FSDP2 across ranks if several
 
-    # ---- data
-    convs = gather_conversations(cfg.data) + list(extra_conversations or [])
     prep = prepare(tokenizer, convs, cfg.data.max_length, cfg.data.truncation, cfg.data.pack, tc.seed,
                    getattr(model, "generation_config", None))
     rows = prep.rows
@@ -145,7 +169,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         f"(tokens min/median/p95/max {stats['min']}/{stats['median']}/{stats['p95']}/{stats['max']}; "
         f"truncated {fit.truncated}, dropped {fit.dropped + fit.no_loss}) -> {len(rows)} rows of <= {cfg.data.max_length}")
 
-    world = 1
+    world = dist.world
     per_step_rows = tc.batch_size * tc.grad_accum * world
     total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * len(rows) / per_step_rows))
     warmup = int(tc.warmup_ratio * total_steps)
@@ -165,20 +189,29 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     start_step = 0
     if resume_dir:
         state = ck.load_state(resume_dir)
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer(dist, model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ck.set_rng_state(state["rng"])
         start_step = state["step"]
         log(f"resumed from {resume_dir} at step {start_step}")
 
-    logger = RunLogger(work, total_steps, start_step, enabled=True)
+    logger = RunLogger(work, total_steps, start_step, enabled=dist.is_main)
     result = TrainResult(work, work / ("model" if cfg.method == "full" else "adapter"), base, total_steps)
     pad_id = tokenizer.pad_token_id
+
+    def save(step: int) -> dict | None:
+        """Checkpoint (every rank gathers, rank 0 writes); returns the gathered model state for the final save."""
+        sd, osd = distributed.full_state(dist, model, optimizer, trainable_only=cfg.method != "full")
+        if dist.is_main:
+            ck.save_checkpoint(ckpt_root, step, model, tokenizer, optimizer, scheduler, config_yaml, {},
+                               tc.save_total_limit, model_state=sd, optim_state=osd)
+        return sd
 
     def do_samples(step: int) -> None:
         if not tc.evaluation_inputs:
             return
-        answers = sample_chats(model, tokenizer, tc.evaluation_inputs, tc.system, tc.max_new_tokens)
+        # a sharded model needs every rank in each forward pass: all ranks generate, rank 0 logs
+        answers = root(sample_chats, tokenizer, tc.evaluation_inputs, tc.system, tc.max_new_tokens)
         result.samples[step] = answers
         logger.samples(step, tc.evaluation_inputs, answers)
 
@@ -187,19 +220,22 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     model.train()
     t_last, tokens_since = time.perf_counter(), 0
     for step in range(start_step, total_steps):
+        # the whole global step's rows, known to every rank; each rank trains on its share of the micro-batches
         idx = row_stream(len(rows), tc.seed, step * per_step_rows, per_step_rows)
         micro = [collate([rows[i] for i in idx[j:j + tc.batch_size]], pad_id)
                  for j in range(0, len(idx), tc.batch_size)]
         n_tok_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         tokens_since += sum(len(rows[i].input_ids) for i in idx)  # real tokens, padding not counted
+        distributed.step_seed(dist, tc.seed, step)
         loss_sum = 0.0
-        for b in micro:
+        for b in distributed.share(dist, micro):
             b = {k: v.to(device) for k, v in b.items()}
             with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
-                s, _ = causal_lm_loss_sum(model, b)
-            (s / max(1, n_tok_step)).backward()
+                s, _ = root(causal_lm_loss_sum, b)
+            (s / max(1, n_tok_step)).backward()  # FSDP sums (not averages) these over ranks
             loss_sum += float(s.detach())
-        gnorm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else torch.tensor(0.0)
+        loss_sum = distributed.all_sum(dist, loss_sum)
+        gnorm = distributed.clip_grad_norm(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else torch.tensor(0.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -213,13 +249,13 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         if tc.sample_steps and done % tc.sample_steps == 0 and done != total_steps:
             do_samples(done)
         if tc.save_steps and done % tc.save_steps == 0 and done != total_steps:
-            ck.save_checkpoint(ckpt_root, done, model, tokenizer, optimizer, scheduler, config_yaml, {},
-                               tc.save_total_limit)
+            save(done)
     do_samples(total_steps)
-    ck.save_checkpoint(ckpt_root, total_steps, model, tokenizer, optimizer, scheduler, config_yaml, {},
-                       tc.save_total_limit)
-    with ck.atomic_dir(result.output_dir) as tmp:
-        ck.save_model_dir(model, tokenizer, tmp, config_yaml)
+    final_state = save(total_steps)
+    if dist.is_main:
+        with ck.atomic_dir(result.output_dir) as tmp:
+            ck.save_model_dir(model, tokenizer, tmp, config_yaml, state_dict=final_state)
     logger.close()
+    distributed.close(dist)
     log(f"saved {'model' if cfg.method == 'full' else 'adapter'}: {result.output_dir}")
     return result
