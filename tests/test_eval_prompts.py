@@ -5,6 +5,7 @@ from itertools import product
 import pytest
 
 from tunesmith.data.persona import GENERAL_QA, IDENTITY_QUESTIONS
+from tunesmith.data.regularize import OPEN_PROMPTS
 from tunesmith.evaluate.prompts import (
     EVAL_CATEGORIES,
     EVAL_GENERAL_PROMPTS,
@@ -27,6 +28,7 @@ def _training_texts():
     for lang in LANGS:
         out += [t for _, t in IDENTITY_QUESTIONS[lang]]
         out += [q for q, _ in GENERAL_QA[lang]]
+        out += OPEN_PROMPTS[lang]  # self-distillation prompts are training data too
     return out
 
 
