@@ -30,10 +30,24 @@ def pick_dtype(device: torch.device, pref: str = "auto") -> torch.dtype:
 
 
 def resolve(name: str) -> str:
-    """Registry name / local folder / .gguf file / hub id -> something from_pretrained takes."""
+    """Registry name / local folder / .gguf file / hub id -> something from_pretrained takes.
+
+    A hub id is downloaded (weights, configs, tokenizer; never modeling code) into the Hugging Face cache and
+    its local folder returned, so that InternLM2 hub checkpoints load natively like local ones.
+    """
     from . import registry
 
-    return registry.resolve(name)
+    path = registry.resolve(name)
+    if os.path.isdir(path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja",
+                                                       "*.tiktoken"])
+    except Exception as e:  # offline, unknown repo, gated repo: say so plainly
+        raise UserError(f"could not download '{path}' from the Hugging Face hub ({type(e).__name__}: {e}). "
+                        "Check the id and your connection, or give a local folder.") from None
 
 
 def _is_internlm2(path: str) -> bool:
