@@ -81,7 +81,6 @@ class ModelSpec:
     chat_end_token: str | None = "<|im_end|>"
     pad_token: str | None = None  # None: keep the GGUF's, unless it equals eos
     tie_embeddings: bool | None = None  # True: tie lm_head/embeddings as upstream does
-    trust_remote_code: bool = False
     notes: str = ""
 
     @property
@@ -134,8 +133,7 @@ REGISTRY: dict[str, ModelSpec] = {
             license="InternLM license (weights), Apache-2.0 (code)",
             languages="Chinese, English",
             params="1.9B",
-            trust_remote_code=True,
-            notes="hub only",
+            notes="hub only; loaded natively as Llama (models/internlm2.py), no remote code",
         ),
         ModelSpec(
             name="qwen2.5-7b-instruct",
