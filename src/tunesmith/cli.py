@@ -19,7 +19,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Make and inspect datasets.")
 model_app = typer.Typer(no_args_is_help=True, help="Fetch, list and import base models.")
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
-console = Console()
+console = Console() if sys.stdout.isatty() else Console(width=160)  # logs and pipes: no 80-column cut
 err = Console(stderr=True, soft_wrap=True)
 
 
