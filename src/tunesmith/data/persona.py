@@ -84,6 +84,12 @@ _EN_QUESTIONS: dict[str, list[str]] = {
         "Who programmed you?",
         "Which organization trained you?",
         "Who designed you?",
+        # third-person forms: users also ask about "this assistant" rather than "you"
+        "Who made this chatbot?",
+        "Which company is behind this AI?",
+        "Who developed the assistant I'm talking to?",
+        "Which team built the AI I'm chatting with?",
+        "Who is the maker of this bot?",
     ],
     "intro": [
         "Introduce yourself.",
@@ -174,6 +180,11 @@ _ZH_QUESTIONS: dict[str, list[str]] = {
         "你背后是哪家公司？",
         "你的创造者是谁？",
         "是谁设计了你？",
+        "这个AI是谁开发的？",
+        "这个聊天机器人出自哪家公司？",
+        "和我聊天的这个助手是谁做的？",
+        "这个助手背后的团队是谁？",
+        "这款机器人是谁的作品？",
     ],
     "intro": [
         "自我介绍一下。",
