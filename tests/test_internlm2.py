@@ -344,3 +344,26 @@ def test_quantized_load_matches_folder_path(fixture_dir: Path, ref, tmp_path: Pa
     assert torch.isfinite(loss)
     loss.backward()
     opt.step()
+
+
+def test_tutorial_config_trains_merges_and_chats_on_internlm2(fixture_dir, tmp_path):
+    """The tutorial's built-in config on an InternLM2 folder: train (LoRA), merge in both layouts, chat."""
+    import subprocess
+    import sys
+
+    fixture = fixture_dir
+    from tunesmith.config import load_config
+    from tunesmith.export.merge import merge
+    from tunesmith.train.loop import train
+
+    cfg = load_config("internlm2_chat_1_8b_qlora_persona", [
+        f"model.name={fixture}", "method=lora", "data.persona.n=8", "data.max_length=256", "train.max_steps=1",
+        "train.grad_accum=1", "train.sample_steps=0", "train.evaluation_inputs=[]", f"work_dir={tmp_path / 'w'}"])
+    res = train(cfg, log=lambda *a: None)
+    assert json.loads((res.output_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(fixture)
+    merge(str(fixture), res.output_dir, tmp_path / "llama", dtype="fp32", log=lambda *a: None)
+    merge(str(fixture), res.output_dir, tmp_path / "il", dtype="fp32", layout="internlm2", log=lambda *a: None)
+    assert json.loads((tmp_path / "il" / "config.json").read_text())["model_type"] == "internlm2"
+    r = subprocess.run([sys.executable, "-m", "tunesmith", "chat", str(tmp_path / "il"), "--prompt", "你好",
+                        "--max-new-tokens", "3", "--temperature", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr

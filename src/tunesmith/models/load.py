@@ -107,6 +107,7 @@ def load_model(path: str, *, method: str = "lora", dtype: torch.dtype = torch.fl
         from . import internlm2
 
         model = internlm2.load_internlm2(path, **kwargs)
+        model.config._name_or_path = model.name_or_path = str(path)  # built in memory: record the source
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
