@@ -164,7 +164,7 @@ def train_config(folder: Path, method: str, work: Path, a) -> dict:
                  "max_length": a.seq, "pack": True},
         "train": {"max_steps": a.steps, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "lr": 1e-4,
                   "warmup_ratio": 0.0, "save_steps": 0, "sample_steps": 0, "evaluation_inputs": [],
-                  "log_steps": 1, "grad_checkpointing": True, "device": a.device},
+                  "grad_checkpointing": True, "device": a.device},
         "work_dir": str(work),
     }
 

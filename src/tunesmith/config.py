@@ -81,7 +81,6 @@ class TrainCfg(_Strict):
     max_grad_norm: float = 1.0
     grad_checkpointing: bool = True
     seed: int = 42
-    log_steps: int = 10
     save_steps: int = 500
     save_total_limit: int = 2
     sample_steps: int = 300
