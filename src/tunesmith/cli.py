@@ -345,6 +345,10 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
+    import logging
+
+    # bitsandbytes' CPU backend announces an optional kernel hub download it cannot make offline; not our user's concern
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
