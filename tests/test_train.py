@@ -108,3 +108,13 @@ def test_merge_matches_base_plus_adapter(tiny_dir, tmp_path):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert (a - plain).abs().max() > 1e-3  # the adapter changed something
     assert not any(p.name.startswith(".") for p in (tmp_path).iterdir())
+
+
+def test_merge_rejects_a_folder_that_is_not_an_adapter(tiny_dir, tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "tunesmith", "merge", str(tiny_dir), str(tmp_path), str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "not a PEFT adapter folder" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()

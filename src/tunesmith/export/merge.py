@@ -29,6 +29,7 @@ def merge(base: str, adapter: str | Path, out: str | Path, dtype: str = "bf16", 
     if dtype not in MERGE_DTYPES:
         raise UserError(f"--dtype {dtype}: use one of {', '.join(MERGE_DTYPES)}")
     out = Path(out)
+    adapter_base(adapter)  # a clear error before any model is loaded
     path = mload.resolve(base)
     log(f"merging {adapter} into {path} ({dtype})")
     tokenizer = mload.load_tokenizer(str(adapter) if (Path(adapter) / "tokenizer_config.json").is_file() else path,
