@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..fsutil import atomic_dir
 from ..models import load as mload
-from ..train.checkpoint import atomic_dir
 
 MERGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

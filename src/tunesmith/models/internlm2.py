@@ -19,16 +19,21 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
 
 from tunesmith.errors import UserError
+from tunesmith.fsutil import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -389,24 +394,11 @@ def load_internlm2(path: str | os.PathLike, dtype: torch.dtype = torch.float32, 
 
 @contextlib.contextmanager
 def _atomic_dir(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp dir next to ``out``; on success it replaces ``out`` by rename, else it is removed."""
-    out = Path(out)
-    if out.exists() and not overwrite:
+    """`fsutil.atomic_dir`, refusing an existing `out` unless `overwrite`."""
+    if Path(out).exists() and not overwrite:
         raise UserError(f"{out}: already exists; choose another folder or pass overwrite=True")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         yield tmp
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _save_safetensors(sd: Mapping[str, torch.Tensor], file: Path) -> None:

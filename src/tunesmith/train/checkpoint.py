@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..fsutil import atomic_dir
 
 STEP_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.pt"
@@ -26,32 +27,6 @@ def save_model_dir(model, tokenizer, out: Path, config_yaml: str | None = None, 
     tokenizer.save_pretrained(out)
     if config_yaml is not None:
         (out / "tunesmith_config.yaml").write_text(config_yaml, encoding="utf-8")
-
-
-def atomic_dir(final: Path):
-    """Context: yields a temp folder beside `final`; on success it replaces `final` in one rename."""
-
-    class _Ctx:
-        def __enter__(self):
-            self.tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp.mkdir(parents=True)
-            return self.tmp
-
-        def __exit__(self, exc_type, exc, tb):
-            if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return False
-            if final.exists():
-                old = final.parent / f".{final.name}.old-{os.getpid()}"
-                os.replace(final, old)
-                os.replace(self.tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(self.tmp, final)
-            return False
-
-    return _Ctx()
 
 
 def rng_state() -> dict:

@@ -25,6 +25,7 @@ from ..data.build import gather_conversations, length_stats, prepare
 from ..data.packing import collate
 from ..data.regularize import cached_self_distill
 from ..errors import UserError
+from ..fsutil import atomic_dir
 from ..models import load as mload
 from ..serve.generate import GenParams, chat_once
 from . import checkpoint as ck
@@ -253,7 +254,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     do_samples(total_steps)
     final_state = save(total_steps)
     if dist.is_main:
-        with ck.atomic_dir(result.output_dir) as tmp:
+        with atomic_dir(result.output_dir) as tmp:
             ck.save_model_dir(model, tokenizer, tmp, config_yaml, state_dict=final_state)
     logger.close()
     distributed.close(dist)
