@@ -72,18 +72,9 @@ def adapter_tensors(d: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def tiny64_dir(tmp_path_factory, smollm2_dir):
     """Like `tiny_dir` but 64 wide: bitsandbytes' CPU NF4 kernels need in_features >= its 64 block size."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from conftest import make_tiny_llama
 
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
-    out = tmp_path_factory.mktemp("tiny64")
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny64"), smollm2_dir, hidden=64, intermediate=128)
 
 
 def _jobs(tiny_dir, tiny64_dir, root: Path, grad_accum: int) -> dict[str, tuple[dict, str | None]]:
