@@ -1,11 +1,12 @@
 """The web chat page in headless Chromium: enter the API key, ask, see the answer stream in, errors, reset.
 
 Needs Debian's chromium and chromium-driver (apt) and the selenium package (pip); skipped otherwise.
-Writes a screenshot to docs/serve-page.png.
+Writes a screenshot to docs/serve-page.png with TUNESMITH_SCREENSHOT=1 (else to the test's temp folder).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -68,7 +69,7 @@ def _wait(cond, timeout=60.0, what="condition"):
         time.sleep(0.02)
 
 
-def test_chat_page(url, browser):
+def test_chat_page(url, browser, tmp_path_factory):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -110,8 +111,10 @@ def test_chat_page(url, browser):
         "What is the capital of France?", "And what is the capital of Germany?"]
     assert d.execute_script("return history.length") == 4
 
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    d.save_screenshot(str(SCREENSHOT))
+    shot = SCREENSHOT if os.environ.get("TUNESMITH_SCREENSHOT") else tmp_path_factory.mktemp("shot") / SCREENSHOT.name
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    d.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
 
     # a server error is shown (max_tokens beyond the model's context)
     find("#toggleSettings").click()
