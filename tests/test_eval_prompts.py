@@ -65,7 +65,7 @@ def test_no_overlap_with_training_pools():
 @pytest.mark.parametrize("lang", LANGS)
 def test_identity_pool(lang):
     pool = EVAL_IDENTITY_QUESTIONS[lang]
-    assert len(pool) >= 25
+    assert len(pool) >= 60  # large enough that one answer moves the rate by under 2 points
     assert all(set(q) == {"category", "text"} for q in pool)
     assert {q["category"] for q in pool} == set(EVAL_CATEGORIES)
     normed = [_norm(q["text"]) for q in pool]
@@ -75,7 +75,7 @@ def test_identity_pool(lang):
 @pytest.mark.parametrize("lang", LANGS)
 def test_general_pool(lang):
     pool = EVAL_GENERAL_PROMPTS[lang]
-    assert len(pool) >= 40
+    assert len(pool) >= 120
     normed = [_norm(p["prompt"]) for p in pool]
     assert len(set(normed)) == len(normed)
     kinds = {p["kind"] for p in pool}
@@ -102,6 +102,21 @@ def test_arithmetic_has_digits_and_words():
             if p["kind"] == "arithmetic":
                 assert any(e.isdigit() for e in p["expect_any"]), p
                 assert any(not e.isdigit() for e in p["expect_any"]), p
+
+
+def test_arithmetic_answer_is_not_in_the_question():
+    """An answer that merely repeats the question must not count as correct."""
+    for lang in LANGS:
+        for p in EVAL_GENERAL_PROMPTS[lang]:
+            if p["kind"] == "arithmetic":
+                assert matches_expected(p["prompt"], p["expect_any"]) is False, p
+
+
+def test_identity_pool_has_third_person_questions():
+    """Users ask about "this assistant / chatbot / AI", not only "you"."""
+    for lang, words in (("en", ("this assistant", "this chatbot", "this ai", "this bot")), ("zh", ("这个",))):
+        third = [q for q in EVAL_IDENTITY_QUESTIONS[lang] if any(w in q["text"].casefold() for w in words)]
+        assert {q["category"] for q in third} >= {"name", "creator"}, lang
 
 
 def test_matches_expected():
