@@ -80,6 +80,10 @@ class TrainCfg(_Strict):
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
     grad_checkpointing: bool = True
+    # fast paths (fused linear+CE, one-function LoRA layers, compiled RMSNorm/SwiGLU on CUDA); 'off' = reference path
+    kernels: Literal["auto", "on", "off"] = "auto"
+    # keep checkpointed layer inputs in pinned host memory ('auto': on for one CUDA device)
+    offload_activations: Literal["auto"] | bool = "auto"
     seed: int = 42
     save_steps: int = 500
     save_total_limit: int = 2

@@ -1,0 +1,39 @@
+"""Fast paths for training, each optional and each with a plain-PyTorch reference it is tested against.
+
+- :mod:`.linear_ce`  output projection + cross-entropy with the gradient made in the forward pass (everywhere);
+- :mod:`.lora`       a PEFT LoRA linear layer as one autograd function (bf16/fp32 and NF4 bases; everywhere);
+- :mod:`.fused`      RMSNorm and SwiGLU compiled into single kernels (CUDA);
+- :mod:`.offload`    activation checkpointing that keeps layer inputs in pinned host memory (CUDA, one device).
+
+``train.kernels: off`` turns the first three off (the reference path); ``train.offload_activations`` the last.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def apply(model, *, device: torch.device, method: str, kernels: str) -> list[str]:
+    """Patch `model` in place with the fast paths `kernels` ('auto' | 'on' | 'off') allows; returns their names."""
+    if kernels == "off":
+        return []
+    used = ["linear-ce"]
+    if method in ("lora", "qlora"):
+        from .lora import patch_lora
+
+        if patch_lora(model):
+            used.append("lora")
+    if device.type == "cuda" or kernels == "on":
+        from .fused import patch_fused
+
+        c = patch_fused(model)
+        used += [k for k, v in c.items() if v]
+    return used
+
+
+def use_offload(setting, device: torch.device, world: int, grad_checkpointing: bool) -> bool:
+    if not grad_checkpointing:
+        return False
+    if setting == "auto":
+        return device.type == "cuda" and world == 1
+    return bool(setting)

@@ -123,12 +123,21 @@ def load_model(path: str, *, method: str = "lora", dtype: torch.dtype = torch.fl
     return model
 
 
-def enable_checkpointing(model) -> None:
-    """Activation checkpointing on every decoder layer (non-reentrant), across transformers versions."""
+def enable_checkpointing(model, offload: bool = False) -> None:
+    """Activation checkpointing on every decoder layer (non-reentrant), across transformers versions.
+
+    `offload`: the layers' saved inputs go to pinned host memory (:mod:`tunesmith.kernels.offload`).
+    """
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
         model.activation_checkpointing_enable({"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if offload:
+        from ..kernels.offload import offload_checkpoint
+
+        for m in model.modules():
+            if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
+                m._gradient_checkpointing_func = offload_checkpoint
 
 
 def lora_config(r: int, alpha: int, dropout: float, target_modules):
@@ -138,14 +147,14 @@ def lora_config(r: int, alpha: int, dropout: float, target_modules):
                       bias="none", task_type="CAUSAL_LM")
 
 
-def add_lora(model, cfg, grad_checkpointing: bool):
+def add_lora(model, cfg, grad_checkpointing: bool, offload: bool = False):
     """Freeze the base and add LoRA adapters (all linear layers of the blocks by default)."""
     from peft import get_peft_model
 
     for p in model.parameters():
         p.requires_grad_(False)
     if grad_checkpointing:
-        enable_checkpointing(model)
+        enable_checkpointing(model, offload)
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, lora_config(cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules))
     # LoRA weights train in fp32 even when the base computes in bf16 (stable AdamW updates)

@@ -26,6 +26,8 @@ from ..data.packing import collate
 from ..data.regularize import cached_self_distill
 from ..errors import UserError
 from ..fsutil import atomic_dir
+from .. import kernels
+from ..kernels import use_offload
 from ..models import load as mload
 from ..serve.generate import GenParams, chat_once
 from . import checkpoint as ck
@@ -145,18 +147,20 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         key = hashlib.sha256(json.dumps([base, langs, n_reg, reg.max_new_tokens, system, tc.seed]).encode()).hexdigest()
         convs += cached_self_distill(work / f"regularize-{key[:12]}.jsonl", model, tokenizer, reg, langs, n_reg,
                                      system, tc.seed, dist.is_main, log)
+    offload = use_offload(tc.offload_activations, device, dist.world, tc.grad_checkpointing)
     if cfg.method == "full":
         if tc.grad_checkpointing:
-            mload.enable_checkpointing(model)
+            mload.enable_checkpointing(model, offload)
         if dtype != torch.float32 and device.type == "cpu":
             model.float()
     else:
-        model = mload.add_lora(model, cfg.lora, tc.grad_checkpointing)
+        model = mload.add_lora(model, cfg.lora, tc.grad_checkpointing, offload)
         if resume_dir:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
             set_peft_model_state_dict(model, load_file(str(resume_dir / "adapter_model.safetensors")))
+    fast = kernels.apply(model, device=device, method=cfg.method, kernels=tc.kernels)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     root = distributed.shard(dist, model)  # root(fn, *args) = fn(model, *args); FSDP2 across ranks if several
@@ -176,6 +180,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     warmup = int(tc.warmup_ratio * total_steps)
     log(f"model: {base} | method {cfg.method} | {device.type} {str(dtype).replace('torch.', '')} | "
         f"trainable {n_train:,} of {n_all:,} params")
+    log(f"fast paths: {', '.join(fast) or 'none (reference path)'}" + ("; activations offloaded to host" if offload else ""))
     log(f"batch: {tc.batch_size} rows x {tc.grad_accum} accumulation x {world} device(s) = {per_step_rows} rows per "
         f"step; {total_steps} steps (~{total_steps * per_step_rows / len(rows):.2f} epochs)")
 
@@ -232,7 +237,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         for b in distributed.share(dist, micro):
             b = {k: v.to(device) for k, v in b.items()}
             with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
-                s, _ = root(causal_lm_loss_sum, b)
+                s, _ = root(causal_lm_loss_sum, b, None, "linear-ce" in fast)
             (s / max(1, n_tok_step)).backward()  # FSDP sums (not averages) these over ranks
             loss_sum += float(s.detach())
         loss_sum = distributed.all_sum(dist, loss_sum)

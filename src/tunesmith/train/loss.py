@@ -14,7 +14,8 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int | None = None) -> tuple[torch.Tensor, int]:
+def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int | None = None,
+                       fused: bool = False) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over trained tokens, and their count.
 
     The decoder runs once; the output projection runs per chunk of trained positions under activation
@@ -33,6 +34,10 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int | None 
     n = int(t.numel())
     if n == 0:
         return hidden.sum() * 0.0, 0
+    if fused:
+        from ..kernels.linear_ce import linear_cross_entropy
+
+        return linear_cross_entropy(h, head.weight, t, chunk), n
     if chunk is None:  # about 256M fp32 logits per chunk at most (1 GiB), whatever the vocabulary
         chunk = max(256, (1 << 28) // head.weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)

@@ -1,0 +1,82 @@
+"""Fused RMSNorm and SwiGLU for Llama-family blocks (Llama, Qwen2, InternLM2 as tunesmith loads it).
+
+The Hugging Face modules run these as chains of elementwise kernels (RMSNorm: upcast, square, mean, rsqrt,
+multiply, downcast, scale — each reading and writing the whole activation), and autograd keeps several of
+the intermediates. Here each is one function with the same arithmetic, compiled by ``torch.compile`` (Inductor
+generates one forward and one backward Triton kernel per function) on CUDA; on the CPU the same function runs
+eagerly, so it is its own reference. ``tests/test_kernels.py`` compares the patched modules with the original
+ones (outputs and gradients), and the GPU test does so for the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+_compiled: dict[str, object] = {}
+
+
+def _fn(name: str, ref, device: torch.device):
+    if device.type != "cuda":
+        return ref
+    if name not in _compiled:
+        _compiled[name] = torch.compile(ref, dynamic=True, fullgraph=True)
+    return _compiled[name]
+
+
+def _norm_forward(self, hidden_states):
+    return _fn("rms_norm", rms_norm_ref, hidden_states.device)(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x):
+    act = _fn("silu_mul", silu_mul_ref, x.device)
+    return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
+
+
+def _is_rmsnorm(m: nn.Module) -> bool:
+    return (type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and isinstance(getattr(m, "variance_epsilon", None), float) and type(m).forward.__code__.co_argcount == 2
+            and not getattr(m.__class__, "_tunesmith_skip", False))
+
+
+def _is_swiglu_mlp(m: nn.Module) -> bool:
+    return (all(isinstance(getattr(m, k, None), nn.Module) for k in ("gate_proj", "up_proj", "down_proj"))
+            and (isinstance(getattr(m, "act_fn", None), nn.SiLU)
+                 or type(getattr(m, "act_fn", None)).__name__ == "SiLUActivation"))  # transformers' own SiLU
+
+
+def patch_fused(model: nn.Module) -> dict[str, int]:
+    """Route RMSNorm and SiLU-gated MLP modules of `model` through the fused functions; returns counts."""
+    counts = {"rms_norm": 0, "swiglu": 0}
+    for m in model.modules():
+        if hasattr(m, "_orig_forward"):
+            continue
+        if _is_rmsnorm(m) and "Gemma" not in type(m).__name__:  # Gemma scales by (1 + weight): not this formula
+            m._orig_forward, m.forward = m.forward, types.MethodType(_norm_forward, m)
+            counts["rms_norm"] += 1
+        elif _is_swiglu_mlp(m):
+            m._orig_forward, m.forward = m.forward, types.MethodType(_mlp_forward, m)
+            counts["swiglu"] += 1
+    return counts
+
+
+def unpatch_fused(model: nn.Module) -> None:
+    for m in model.modules():
+        if hasattr(m, "_orig_forward"):
+            m.forward = m._orig_forward
+            del m._orig_forward

@@ -1,0 +1,80 @@
+"""Output projection + cross-entropy in one pass, with the gradient computed in the forward pass.
+
+For trained positions ``h`` (n × d), head weight ``W`` (V × d) and targets ``t`` this returns
+``sum_i CE(h_i W^T, t_i)``. Rows are taken ``chunk`` at a time: the chunk's logits are made, turned into
+the loss and into ``dL/dlogits = softmax - onehot`` on the spot, and multiplied back into ``dL/dh`` (and
+``dL/dW`` when the head trains) before the next chunk. Full-vocabulary logits never exist for more than one
+chunk, nothing is kept for the backward pass but the two gradients, and the head matmul runs twice per chunk
+instead of three times (forward, recompute, backward) as with checkpointed chunks.
+
+The reference is ``F.cross_entropy(F.linear(h, W).float(), t, reduction="sum")``
+(``tests/test_kernels.py`` compares both, values and gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def default_chunk(vocab: int) -> int:
+    """Rows per chunk: about 32M fp32 logits (128 MiB) whatever the vocabulary, at least 128 rows."""
+    return max(128, (1 << 25) // max(1, vocab))
+
+
+class _LinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, compute_dtype):
+        n = h.shape[0]
+        hc = h.to(compute_dtype)
+        wc = weight.to(compute_dtype)
+        need_w = weight.requires_grad
+        grad_h = torch.empty_like(hc) if h.requires_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, n, chunk):
+            hi, ti = hc[i:i + chunk], targets[i:i + chunk]
+            logits = (hi @ wc.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, ti[:, None]).squeeze(1)).sum()
+            # softmax - onehot, in place on the logits buffer
+            g = logits.sub_(lse[:, None]).exp_()
+            g[torch.arange(g.shape[0], device=g.device), ti] -= 1.0
+            g = g.to(compute_dtype)
+            if grad_h is not None:
+                torch.matmul(g, wc, out=grad_h[i:i + chunk])
+            if grad_w is not None:
+                grad_w += g.t() @ hi
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = (grad_h * grad_out).to(ctx.h_dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int | None = None) -> torch.Tensor:
+    """Sum of cross-entropy of ``h @ weight.T`` against ``targets`` (no ignored positions: select them first).
+
+    Under autocast the matmuls run in the autocast dtype, as ``F.linear`` would; the softmax is fp32.
+    """
+    if chunk is None:
+        chunk = default_chunk(weight.shape[0])
+    if torch.is_autocast_enabled(h.device.type):
+        compute_dtype = torch.get_autocast_dtype(h.device.type)
+    else:
+        compute_dtype = torch.promote_types(h.dtype, weight.dtype)
+    if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
+        with torch.no_grad():
+            return _LinearCE.forward(_NoCtx(), h.detach(), weight.detach(), targets, chunk, compute_dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        return _LinearCE.apply(h, weight, targets, chunk, compute_dtype)
+
+
+class _NoCtx:
+    def save_for_backward(self, *a):
+        pass

@@ -1,0 +1,134 @@
+"""A LoRA linear layer as one autograd function: ``y = x W^T (+ b) + s · (x A^T) B^T``.
+
+PEFT's LoRA forward casts the input to the adapter's fp32 dtype, runs A and B as separate modules, scales and
+adds — a handful of full-activation elementwise kernels per layer and an fp32 copy of the input kept for the
+backward pass. Here the frozen base matmul and the low-rank update are three matmuls (the update added with
+``addmm_``), only ``x`` and the small ``x A^T`` are saved, and the backward pass is written out:
+
+    dB = s · g^T (x A^T)      dA = s · (g B)^T x      dx = g W + s · (g B) A
+
+The base weight may be a plain (frozen) tensor or a bitsandbytes NF4 ``Params4bit``, dequantised in the forward
+pass and again in the backward pass (nothing dequantised is kept). Adapters keep fp32 master weights; the
+matmuls run in the autocast dtype. Any layer this does not cover (several active adapters, dropout > 0, DoRA,
+merged weights, another base layer type) keeps PEFT's own forward. The reference is PEFT itself
+(``tests/test_kernels.py``: outputs and every gradient compared).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn as nn
+
+
+def _dequant(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    w = base.weight
+    qs = getattr(w, "quant_state", None)
+    if qs is not None:
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(w.data if hasattr(w, "data") else w, qs).to(dtype)
+    return w.to(dtype)
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a, b, bias, base, scaling, cd):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(cd)
+        ac, bc = a.to(cd), b.to(cd)
+        w = _dequant(base, cd)
+        y = x2 @ w.t()
+        del w
+        if bias is not None:
+            y += bias.to(cd)
+        xa = x2 @ ac.t()
+        y.addmm_(xa, bc.t(), alpha=scaling)
+        ctx.save_for_backward(x2, xa, ac, bc)
+        ctx.base, ctx.scaling, ctx.cd = base, scaling, cd
+        ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = x.dtype, a.dtype, b.dtype
+        ctx.x_shape = shape
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, xa, ac, bc = ctx.saved_tensors
+        s = ctx.scaling
+        g2 = g.reshape(-1, g.shape[-1]).to(ctx.cd)
+        gb = g2 @ bc  # n x r
+        grad_a = grad_b = grad_x = None
+        if ctx.needs_input_grad[2]:
+            grad_b = (g2.t() @ xa).mul_(s).to(ctx.b_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_a = (gb.t() @ x2).mul_(s).to(ctx.a_dtype)
+        if ctx.needs_input_grad[0]:
+            w = _dequant(ctx.base, ctx.cd)
+            grad_x = g2 @ w
+            del w
+            grad_x.addmm_(gb, ac, alpha=s)
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        return grad_x, grad_a, grad_b, None, None, None, None
+
+
+def lora_linear(x, a, b, bias, base, scaling):
+    dev = x.device.type
+    cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype, a.dtype)
+    with torch.autocast(dev, enabled=False):
+        return _LoraLinear.apply(x, a, b, bias, base, scaling, cd)
+
+
+def _plain_base(base: nn.Module) -> bool:
+    if type(base) is nn.Linear:
+        return not base.weight.requires_grad
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(base, bnb.nn.Linear4bit) and getattr(base.weight, "quant_state", None) is not None
+
+
+def _fast_forward(self, x, *args, **kwargs):
+    """Replaces a PEFT ``lora.Linear.forward``; falls back to PEFT's whenever the layer is not the simple case."""
+    active = self.active_adapters
+    if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
+            or active[0] not in self.lora_A):
+        return self._peft_forward(x, *args, **kwargs)
+    name = active[0]
+    drop = self.lora_dropout[name]
+    if self.use_dora.get(name, False) or not (isinstance(drop, nn.Identity) or (self.training is False)
+                                              or getattr(drop, "p", 1.0) == 0.0):
+        return self._peft_forward(x, *args, **kwargs)
+    base = self.base_layer
+    if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
+        return self._peft_forward(x, *args, **kwargs)  # bitsandbytes' CPU inference layout: its own kernel
+    return lora_linear(x, self.lora_A[name].weight, self.lora_B[name].weight, base.bias, base, self.scaling[name])
+
+
+def patch_lora(model: nn.Module) -> int:
+    """Route every simple PEFT LoRA linear layer of `model` through :func:`lora_linear`; returns how many."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        return 0
+    kinds: tuple = (LoraLinear,)
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit  # present when bitsandbytes is
+
+        kinds += (LoraLinear4bit,)
+    except ImportError:
+        pass
+    n = 0
+    for m in model.modules():
+        if type(m) in kinds and _plain_base(m.base_layer) and not hasattr(m, "_peft_forward"):
+            m._peft_forward = m.forward
+            m.forward = types.MethodType(_fast_forward, m)
+            n += 1
+    return n
+
+
+def unpatch_lora(model: nn.Module) -> None:
+    for m in model.modules():
+        if hasattr(m, "_peft_forward"):
+            m.forward = m._peft_forward
+            del m._peft_forward

@@ -1,0 +1,117 @@
+"""Activation checkpointing whose saved layer inputs live in host memory.
+
+With plain checkpointing each decoder layer keeps its input (tokens × hidden, in bf16) on the GPU until the
+backward pass: layers × tokens × hidden × 2 bytes (1.6 GiB for a 7B model at 8k tokens a step). Here the input
+is copied to pinned host memory on a side stream while the GPU goes on computing, and brought back — the
+layer before it prefetched while this one recomputes — in the backward pass, which recomputes the layer from
+it as usual. The recompute replays the forward pass's autocast state and RNG state (so dropout matches).
+
+Used for single-device CUDA training (`train.offload_activations`); the reference is
+``torch.utils.checkpoint.checkpoint`` (``tests/test_kernels.py`` compares gradients on the CPU, where the
+"host copy" is a plain copy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _Stash:
+    """One layer input in host memory; `fetch()` returns it on the device (prefetched when possible)."""
+
+    def __init__(self, x: torch.Tensor, stream):
+        self.device, self.stream = x.device, stream
+        self.ready = None
+        if stream is None:
+            self.host = x.detach().clone()
+            return
+        self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):
+            self.host.copy_(x.detach(), non_blocking=True)
+            x.record_stream(stream)  # keep x's memory from being reused before the copy ran
+            self.copied = torch.cuda.Event()
+            self.copied.record(stream)
+
+    def prefetch(self) -> None:
+        if self.stream is None or self.ready is not None or self.host is None:
+            return
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(self.copied)
+            self.ready = self.host.to(self.device, non_blocking=True)
+            self.ready_event = torch.cuda.Event()
+            self.ready_event.record(self.stream)
+
+    def fetch(self) -> torch.Tensor:
+        if self.stream is None:
+            x, self.host = self.host, None
+            return x
+        self.prefetch()
+        cur = torch.cuda.current_stream(self.device)
+        cur.wait_event(self.ready_event)
+        x = self.ready
+        x.record_stream(cur)
+        self.ready = self.host = None
+        return x
+
+
+class _State:
+    stream = None
+    last: "_Stash | None" = None
+
+
+_state = _State()
+
+
+def _copy_stream(device: torch.device):
+    if device.type != "cuda":
+        return None
+    if _state.stream is None:
+        _state.stream = torch.cuda.Stream(device)
+    return _state.stream
+
+
+class _OffloadCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, x, *rest):
+        dev = x.device.type
+        ctx.run = run
+        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) if dev != "cpu" else (False, None)
+        ctx.dev = dev
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if dev == "cuda" else None
+        ctx.stash = _Stash(x, _copy_stream(x.device))
+        ctx.prev = _state.last  # the layer before this one: prefetched while this one recomputes
+        _state.last = ctx.stash
+        ctx.rest = rest
+        with torch.no_grad():
+            out = run(x, *rest)
+        ctx.tuple_out = isinstance(out, tuple)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x = ctx.stash.fetch().detach().requires_grad_(True)
+        if ctx.prev is not None:
+            ctx.prev.prefetch()
+        devs = [torch.device(ctx.dev)] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devs, device_type=ctx.dev if ctx.dev != "cpu" else "cuda"):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, devs[0])
+            with torch.enable_grad(), torch.autocast(ctx.dev, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
+                out = ctx.run(x, *ctx.rest)
+        outs = out if ctx.tuple_out else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grads)
+                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        n_rest = len(ctx.rest)
+        ctx.stash = ctx.prev = ctx.run = ctx.rest = None
+        return (None, x.grad) + (None,) * n_rest
+
+
+def offload_checkpoint(fn, x, *rest):
+    """Checkpoint `fn(x, *rest)` keeping `x` in host memory; only `x` may need a gradient among the inputs."""
+    if not torch.is_grad_enabled():
+        return fn(x, *rest)
+    return _OffloadCheckpoint.apply(fn, x, *rest)

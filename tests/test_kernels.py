@@ -1,0 +1,177 @@
+"""Each fast path against its plain-PyTorch reference, on random inputs (CPU; tests/gpu/ has the CUDA ones)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunesmith.kernels.fused import patch_fused, unpatch_fused
+from tunesmith.kernels.linear_ce import linear_cross_entropy
+from tunesmith.kernels.lora import patch_lora, unpatch_lora
+
+
+def _grads(*ts):
+    return [t.grad.clone() for t in ts]
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_linear_ce_matches_full_logits(weight_grad, chunk):
+    torch.manual_seed(0)
+    n, d, v = 37, 16, 101
+    h = torch.randn(n, d, requires_grad=True)
+    w = torch.randn(v, d, requires_grad=weight_grad)
+    t = torch.randint(0, v, (n,))
+    ref = F.cross_entropy(F.linear(h, w).float(), t, reduction="sum")
+    (ref * 0.37).backward()
+    gh_ref = h.grad.clone()
+    gw_ref = w.grad.clone() if weight_grad else None
+    h.grad = None
+    if weight_grad:
+        w.grad = None
+    out = linear_cross_entropy(h, w, t, chunk=chunk)
+    (out * 0.37).backward()
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(h.grad, gh_ref, rtol=1e-4, atol=1e-5)
+    if weight_grad:
+        assert torch.allclose(w.grad, gw_ref, rtol=1e-4, atol=1e-5)
+    else:
+        assert w.grad is None
+
+
+def test_linear_ce_bf16_autocast_close_to_reference():
+    torch.manual_seed(1)
+    h = torch.randn(64, 32, requires_grad=True)
+    w = torch.randn(300, 32) * 0.2
+    t = torch.randint(0, 300, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, w).float(), t, reduction="sum")
+        out = linear_cross_entropy(h, w, t, chunk=16)
+    assert out.dtype == torch.float32
+    assert abs(float(out) - float(ref)) / float(ref) < 1e-3
+    ref.backward()
+    g = h.grad.clone()
+    h.grad = None
+    out.backward()
+    assert (h.grad - g).abs().max() / g.abs().max() < 2e-2
+
+
+def test_linear_ce_without_grad_gives_the_value():
+    h, w, t = torch.randn(9, 8), torch.randn(20, 8), torch.randint(0, 20, (9,))
+    with torch.no_grad():
+        out = linear_cross_entropy(h, w, t, chunk=4)
+    assert torch.allclose(out, F.cross_entropy(h @ w.t(), t, reduction="sum"), atol=1e-4)
+
+
+def _lora_model(tiny_dir, method="lora"):
+    from tunesmith.config import LoraCfg
+    from tunesmith.models.load import add_lora, load_model
+
+    torch.manual_seed(0)
+    m = load_model(str(tiny_dir), method=method)
+    m = add_lora(m, LoraCfg(r=4, alpha=8, dropout=0.0), grad_checkpointing=False)
+    for n, p in m.named_parameters():  # B starts at zero: make the update non-trivial
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    return m.train()
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids).logits
+    loss = out.float().pow(2).mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_lora_function_matches_peft(tiny_dir, method):
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    m = _lora_model(tiny_dir, method)
+    ids = torch.randint(0, 1000, (2, 11))
+    ref_out, ref_g = _loss_and_grads(m, ids)
+    n = patch_lora(m)
+    assert n == 2 * 7  # every linear of both blocks
+    out, g = _loss_and_grads(m, ids)
+    assert torch.allclose(out, ref_out, rtol=1e-4, atol=1e-5)
+    assert ref_g.keys() == g.keys() and len(g) == 4 * 7
+    for k in g:
+        assert torch.allclose(g[k], ref_g[k], rtol=1e-3, atol=1e-6), k
+    unpatch_lora(m)
+    out2, _ = _loss_and_grads(m, ids)
+    assert torch.equal(out2, ref_out)
+
+
+def test_lora_function_falls_back_where_it_does_not_apply(tiny_dir):
+    from tunesmith.config import LoraCfg
+    from tunesmith.models.load import add_lora, load_model
+
+    m = add_lora(load_model(str(tiny_dir)), LoraCfg(r=4, alpha=8, dropout=0.2), grad_checkpointing=False)
+    patch_lora(m)
+    m.train()
+    torch.manual_seed(3)
+    ids = torch.randint(0, 1000, (1, 6))
+    a = m(input_ids=ids).logits
+    unpatch_lora(m)
+    torch.manual_seed(3)
+    b = m(input_ids=ids).logits
+    assert torch.equal(a, b)  # dropout > 0 in training: PEFT's own forward ran (same RNG draws)
+
+
+def test_fused_modules_match_originals(tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    ref = copy.deepcopy(m)
+    counts = patch_fused(m)
+    assert counts == {"rms_norm": 2 * 2 + 1, "swiglu": 2}
+    ids = torch.randint(0, 1000, (2, 9))
+    a, ga = _loss_and_grads(m, ids)
+    b, gb = _loss_and_grads(ref, ids)
+    assert torch.allclose(a, b, atol=1e-5)
+    for k in ga:
+        assert torch.allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6), k
+    unpatch_fused(m)
+    assert not any(hasattr(x, "_orig_forward") for x in m.modules())
+
+
+def test_offloaded_checkpointing_matches_plain_checkpointing(tiny_dir):
+    from tunesmith.models.load import enable_checkpointing
+
+    a = _lora_model(tiny_dir)
+    b = copy.deepcopy(a)
+    enable_checkpointing(a, offload=False)
+    enable_checkpointing(b, offload=True)
+    a.train()
+    b.train()
+    assert all(getattr(x, "_gradient_checkpointing_func", None) is not None
+               for x in b.modules() if getattr(x, "gradient_checkpointing", False))
+    ids = torch.randint(0, 1000, (2, 10))
+    oa, ga = _loss_and_grads(a, ids)
+    ob, gb = _loss_and_grads(b, ids)
+    assert torch.allclose(oa, ob, atol=1e-6)
+    assert ga.keys() == gb.keys()
+    for k in ga:
+        assert torch.allclose(ga[k], gb[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_training_fast_path_matches_reference_path(tiny_dir, tmp_path):
+    """Same seed and data: the losses with kernels on stay within 1e-4 of the reference path's (fp32 CPU)."""
+    from tunesmith.train.loop import train
+    from test_train import make_cfg, quiet
+
+    cfgs = [make_cfg(tiny_dir, tmp_path / "fast", max_steps=5, kernels="on", grad_checkpointing=True,
+                     offload_activations=True),
+            make_cfg(tiny_dir, tmp_path / "ref", max_steps=5, kernels="off")]
+    for c in cfgs:
+        c.lora.dropout = 0.0  # the LoRA function covers dropout-free adapters
+    logs = []
+    fast = train(cfgs[0], log=lambda *a: logs.append(" ".join(map(str, a))))
+    ref = train(cfgs[1], log=quiet)
+    assert any("fast paths: linear-ce, lora, rms_norm, swiglu; activations offloaded" in x for x in logs), logs
+    for x, y in zip(fast.losses, ref.losses):
+        assert abs(x - y) / y < 1e-4, (fast.losses, ref.losses)
