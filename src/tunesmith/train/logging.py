@@ -45,7 +45,7 @@ class RunLogger:
             return
         tps = tokens / max(seconds, 1e-9)
         rec = {"step": step, "epoch": round(epoch, 4), "loss": loss, "lr": lr, "grad_norm": grad_norm,
-               "tokens_per_s": round(tps, 1), "time": time.time()}
+               "tokens": tokens, "tokens_per_s": round(tps, 1), "time": time.time()}
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         if self.tb is not None:
