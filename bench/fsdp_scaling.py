@@ -9,7 +9,13 @@ Nothing is downloaded: the models are random weights of real shapes with a throw
        holds config and tokenizer, and the run is this script's own torchrun entry (`_worker`), which calls
        tunesmith's train() with only the weight source replaced: rank 0 fills the model with random values
        on the CPU, the other ranks build it on the meta device, and tunesmith's sharding code broadcasts and
-       shards it exactly as it does a loaded model. Needs ~150 GB of host memory on rank 0.
+       shards it exactly as it does a loaded model (frozen base sharded too, whatever --shard-frozen says:
+       no rank but 0 holds it). Needs ~150 GB of host memory on rank 0.
+
+Every run checkpoints its layers without host offload (train.offload_activations false: the 1-GPU default would
+offload, the N-GPU runs cannot), so 1 and N GPUs do the same work per token. --shard-frozen sets
+train.shard_frozen (LoRA on several GPUs: 'auto' keeps the frozen base whole on every GPU when it fits in 40 %
+of one, 'true' shards it, 'false' replicates it).
 
 Each run trains --steps steps; tokens/s is the median of the steps after the first --skip (metrics.jsonl of
 the run: real tokens of the global step over its wall time). Scaling efficiency = tokens/s per GPU over the
@@ -20,7 +26,8 @@ GPU (one command per machine size; each stays well inside 10 minutes):
   python bench/fsdp_scaling.py --models 7b --gpus 1,2 --methods lora,qlora --out bench/results/fsdp
   python bench/fsdp_scaling.py --models 7b,72b --gpus 4 --methods lora --out bench/results/fsdp4
 CPU check of the whole script (tiny shapes, gloo):
-  python bench/fsdp_scaling.py --tiny --device cpu --runs 7b:lora:1,72b:lora:2 --steps 3 --out /tmp/fsdp-bench
+  OMP_NUM_THREADS=1 python bench/fsdp_scaling.py --tiny --device cpu --runs 7b:lora:1,7b:lora:2,72b:lora:2 \
+      --steps 3 --out /tmp/fsdp-bench
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ class Row:
     step_s: float | None = None
     final_loss: float | None = None
     wall_s: float | None = None
+    frozen_base: str = ""  # several GPUs, LoRA: "replicated" / "sharded" (the run's log line)
     command: str = ""
     error: str = field(default="", repr=False)
 
@@ -164,7 +172,8 @@ def train_config(folder: Path, method: str, work: Path, a) -> dict:
                  "max_length": a.seq, "pack": True},
         "train": {"max_steps": a.steps, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "lr": 1e-4,
                   "warmup_ratio": 0.0, "save_steps": 0, "sample_steps": 0, "evaluation_inputs": [],
-                  "grad_checkpointing": True, "device": a.device},
+                  "grad_checkpointing": True, "offload_activations": False, "shard_frozen": a.shard_frozen,
+                  "device": a.device},
         "work_dir": str(work),
     }
 
@@ -222,6 +231,9 @@ def run_one(key: str, method: str, gpus: int, a, log) -> Row:
     gaps = [b["time"] - x["time"] for x, b in itertools.pairwise(recs)][max(0, a.skip - 1):]
     row.step_s = round(statistics.median(gaps), 3) if gaps else None
     row.final_loss = recs[-1]["loss"]
+    for line in (work / "log.txt").read_text(errors="replace").splitlines():
+        if "frozen base: " in line:
+            row.frozen_base = line.split("frozen base: ", 1)[1].split()[0]
     log(f"  {row.tokens_per_s_per_gpu:,.0f} tok/s per GPU ({row.tokens_per_s:,.0f} total), {row.wall_s}s")
     return row
 
@@ -259,13 +271,14 @@ def markdown(rep: dict) -> str:
              f"{rep['gpu']} x{rep['gpu_count']} | " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items() if v),
              "", f"`{rep['command']}`", "",
              ("| model | method | GPUs | rows/step x seq | tok/s (all) | tok/s per GPU | scaling eff. | step s | "
-              "final loss | status |"),
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+              "final loss | frozen base | status |"),
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rep["rows"]:
         f = (lambda x, d=0: "-" if x is None else f"{x:,.{d}f}")
         lines.append(f"| {r['model']} | {r['method']} | {r['gpus']} | {r['rows_per_step']} x {r['seq']} | "
                      f"{f(r['tokens_per_s'])} | {f(r['tokens_per_s_per_gpu'])} | {f(r['scaling_efficiency'], 2)} | "
-                     f"{f(r['step_s'], 2)} | {f(r['final_loss'], 3)} | {r['status']} |")
+                     f"{f(r['step_s'], 2)} | {f(r['final_loss'], 3)} | {r.get('frozen_base') or '-'} | "
+                     f"{r['status']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -286,8 +299,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--samples", type=int, default=4000, help="persona conversations (packed into rows)")
     ap.add_argument("--scratch", default="/tmp/tunesmith-fsdp-bench", help="model folders and run dirs (local disk)")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per run")
+    ap.add_argument("--shard-frozen", default="auto", choices=["auto", "true", "false"],
+                    help="train.shard_frozen of the LoRA runs (72b: always sharded)")
     ap.add_argument("--out", default="bench/results/fsdp_scaling")
     a = ap.parse_args(argv)
+    a.shard_frozen = {"auto": "auto", "true": True, "false": False}[a.shard_frozen]
     if a.tiny and a.seq == 2048:
         a.seq, a.samples = 256, 200
     a.skip = min(a.skip, max(0, a.steps - 2))
@@ -329,7 +345,8 @@ def _worker(cfg_file: str) -> None:
     from tunesmith.train import distributed
     from tunesmith.train.loop import train
 
-    def random_base(d, path, *, method, dtype, trust_remote_code, attn_implementation):
+    def random_base(d, path, *, method, dtype, trust_remote_code, attn_implementation, shard_frozen=True):
+        # rank 0 alone holds the weights, so the frozen base is sharded (d.replicate_frozen stays False)
         if method == "qlora":
             raise SystemExit("QLoRA needs weight files to quantize")
         cfg = AutoConfig.from_pretrained(path)

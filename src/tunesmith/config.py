@@ -84,6 +84,8 @@ class TrainCfg(_Strict):
     kernels: Literal["auto", "on", "off"] = "auto"
     # keep checkpointed layer inputs in pinned host memory ('auto': on for one CUDA device)
     offload_activations: Literal["auto"] | bool = "auto"
+    # several processes, LoRA: shard the frozen base too (true) or keep it whole on every rank (false; 'auto': when it fits)
+    shard_frozen: Literal["auto"] | bool = "auto"
     seed: int = 42
     save_steps: int = 500
     save_total_limit: int = 2

@@ -10,6 +10,10 @@ How a sharded run works:
   decoder layer, then the root) rank 0 broadcasts the full state and every rank keeps its shards.
   QLoRA: every rank loads the NF4 model onto its own GPU; the 4-bit weights stay whole on every rank (FSDP
   ignores them: packed NF4 bytes with their quantization state cannot be split) and the rest is sharded.
+  LoRA (`train.shard_frozen`): the frozen base may instead stay whole on every rank too (each rank loads it
+  onto its own device; FSDP ignores it), so a step all-gathers only the small LoRA weights, which are still
+  sharded with their optimizer state. 'auto' does so when the weight files take at most REPLICATE_FRACTION of
+  one device's memory (host memory / local processes on the CPU). Full fine-tunes have nothing frozen.
 - data: every rank reads and tokenises the data itself (deterministic, so all agree; nobody waits on a
   collective meanwhile) and takes its contiguous share of each global step's micro-batches.
 - the loss: every rank computes sum-of-CE / (trained tokens of the whole global step) on its own rows, and
@@ -33,6 +37,9 @@ from ..models import load as mload
 
 # Long enough for rank 0 to load a large model or write a large checkpoint while the others wait.
 TIMEOUT = timedelta(minutes=30)
+# shard_frozen 'auto': keep a LoRA run's frozen base whole on every rank when it takes at most this share of one
+# device's memory (the rest is left for activations, LoRA weights, gather buffers).
+REPLICATE_FRACTION = 0.4
 
 
 @dataclass
@@ -42,6 +49,10 @@ class Dist:
     world: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False  # this process group was started here (and is ended by `close`)
+    # `load_model`'s decision: the frozen (base) weights whole on every rank instead of sharded. The default
+    # (sharded) is what `shard` does with a model that every rank did not load itself (rank 0 real, meta elsewhere).
+    replicate_frozen: bool = False
+    frozen_bytes: int | None = None  # the base model's weight files, when known
 
     @property
     def is_main(self) -> bool:
@@ -85,15 +96,71 @@ def close(d: Dist) -> None:
 
 
 def load_model(d: Dist, path: str, *, method: str, dtype: torch.dtype, trust_remote_code: bool,
-               attn_implementation: str | None):
-    """The base model as `models.load.load_model` gives it; sharded runs: real on rank 0 (CPU), meta elsewhere."""
+               attn_implementation: str | None, shard_frozen: str | bool = True):
+    """The base model as `models.load.load_model` gives it; sharded runs: real on rank 0 (CPU), meta elsewhere.
+
+    Sharded LoRA runs first decide `shard_frozen` (recorded on `d` for `shard`); keeping the frozen base whole,
+    every rank loads the real model onto its own device.
+    """
     kw = {"method": method, "dtype": dtype, "trust_remote_code": trust_remote_code,
           "attn_implementation": attn_implementation}
-    if not d.sharded or method == "qlora":  # QLoRA: every rank loads its own NF4 copy onto its GPU
+    if d.sharded and method == "lora":
+        decide_frozen(d, path, shard_frozen)
+    # QLoRA: every rank loads its own NF4 copy onto its GPU; LoRA with the base replicated: its own full copy
+    if not d.sharded or method == "qlora" or d.replicate_frozen:
         return mload.load_model(path, device=d.device, **kw)
     if d.is_main:
         return mload.load_model(path, device=torch.device("cpu"), **kw)
     return _meta_model(path, dtype, trust_remote_code, attn_implementation)
+
+
+def weight_bytes(path: str) -> int | None:
+    """Bytes of a model folder's weight files (*.safetensors, else *.bin); None when there are none."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    files = sorted(p.glob("*.safetensors")) or sorted(p.glob("*.bin"))
+    return sum(f.stat().st_size for f in files) if files else None
+
+
+def device_memory(d: Dist) -> int:
+    """Memory one rank may count on: its GPU's, or on the CPU the host's shared by this node's processes."""
+    if d.device.type == "cuda":
+        return torch.cuda.get_device_properties(d.device).total_memory
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", d.world)))
+
+
+def replicate_choice(shard_frozen: str | bool, frozen_bytes: int | None, memory: int) -> bool:
+    """True: keep the frozen weights whole on every rank. 'auto': when they are known and fit the budget."""
+    if shard_frozen == "auto":
+        return frozen_bytes is not None and frozen_bytes <= REPLICATE_FRACTION * memory
+    return not shard_frozen
+
+
+def decide_frozen(d: Dist, path: str, shard_frozen: str | bool) -> None:
+    """Set `d.replicate_frozen` (the same on every rank: replicated only where every rank chose it)."""
+    import torch.distributed as dist
+
+    d.frozen_bytes = weight_bytes(path)
+    mine = replicate_choice(shard_frozen, d.frozen_bytes, device_memory(d))
+    t = torch.tensor([int(mine)], dtype=torch.int32, device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    d.replicate_frozen = bool(t.item())
+
+
+def describe_frozen(d: Dist, model: nn.Module) -> str | None:
+    """The log line of the choice for a sharded run with frozen weights; None otherwise."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    if not d.sharded or not frozen or _nf4_params(model):
+        return None
+    gib = (d.frozen_bytes if d.frozen_bytes is not None else
+           sum(p.numel() * p.element_size() for p in {id(p): p for p in frozen}.values())) / 2**30
+    if d.replicate_frozen:
+        return f"frozen base: replicated on every rank ({gib:.3g} GiB)"
+    return f"frozen base: sharded over {d.world} ranks ({gib:.3g} GiB)"
 
 
 def _meta_model(path: str, dtype: torch.dtype, trust_remote_code: bool, attn_implementation: str | None):
@@ -138,8 +205,11 @@ def shard(d: Dist, model: nn.Module) -> Root:
 
     if not hasattr(FSDPModule, "set_force_sum_reduction_for_comms"):
         raise UserError(f"training on several processes needs torch >= 2.8 (FSDP2); this is torch {torch.__version__}")
-    nf4 = _nf4_params(model)
-    if nf4:  # QLoRA: all ranks hold real weights; only the (randomly initialised) LoRA weights must agree
+    # Kept whole on every rank (FSDP ignores them): QLoRA's NF4 weights; LoRA's frozen base when replicated.
+    ignored = _nf4_params(model)
+    if d.replicate_frozen:
+        ignored |= {p for p in model.parameters() if not p.requires_grad}
+    if ignored:  # all ranks hold real weights; only the (randomly initialised) LoRA weights must agree
         for p in model.parameters():
             if p.requires_grad:
                 dist.broadcast(p.data, src=0)
@@ -150,8 +220,8 @@ def shard(d: Dist, model: nn.Module) -> Root:
 
     mesh = init_device_mesh(d.device.type, (d.world,))
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, ignored_params=nf4 or None)
-    fully_shard(root, mesh=mesh, ignored_params=nf4 or None)
+        fully_shard(layer, mesh=mesh, ignored_params=ignored or None)
+    fully_shard(root, mesh=mesh, ignored_params=ignored or None)
     for m in root.modules():
         if isinstance(m, FSDPModule):  # each rank's loss is already a share of the global mean: SUM, not AVG
             m.set_gradient_divide_factor(1.0)

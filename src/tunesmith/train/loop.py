@@ -134,7 +134,8 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     load_from = str(resume_dir) if (resume_dir and cfg.method == "full") else base
     model = distributed.load_model(dist, load_from, method=cfg.method, dtype=dtype,
                                    trust_remote_code=cfg.model.trust_remote_code,
-                                   attn_implementation=cfg.model.attn_implementation)
+                                   attn_implementation=cfg.model.attn_implementation,
+                                   shard_frozen=tc.shard_frozen)
     model.config.use_cache = False
 
     # ---- data: persona + files, plus self-distillation answers written by the base model before training
@@ -163,6 +164,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     fast = kernels.apply(model, device=device, method=cfg.method, kernels=tc.kernels)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
+    frozen_line = distributed.describe_frozen(dist, model)
     root = distributed.shard(dist, model)  # root(fn, *args) = fn(model, *args); FSDP2 across ranks if several
 
     prep = prepare(tokenizer, convs, cfg.data.max_length, cfg.data.truncation, cfg.data.pack, tc.seed,
@@ -180,6 +182,8 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     warmup = int(tc.warmup_ratio * total_steps)
     log(f"model: {base} | method {cfg.method} | {device.type} {str(dtype).replace('torch.', '')} | "
         f"trainable {n_train:,} of {n_all:,} params")
+    if frozen_line:
+        log(frozen_line)
     log(f"fast paths: {', '.join(fast) or 'none (reference path)'}" + ("; activations offloaded to host" if offload else ""))
     log(f"batch: {tc.batch_size} rows x {tc.grad_accum} accumulation x {world} device(s) = {per_step_rows} rows per "
         f"step; {total_steps} steps (~{total_steps * per_step_rows / len(rows):.2f} epochs)")
