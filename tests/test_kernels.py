@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunesmith.kernels.fused import patch_fused, unpatch_fused
+from tunesmith.kernels.fused import patch_fused, unpatch_fused, unpatch_rope
 from tunesmith.kernels.linear_ce import linear_cross_entropy
 from tunesmith.kernels.lora import patch_lora, unpatch_lora
 
@@ -127,8 +127,11 @@ def test_fused_modules_match_originals(tiny_dir):
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_pretrained(tiny_dir)
     ref = copy.deepcopy(m)
-    counts = patch_fused(m)
-    assert counts == {"rms_norm": 2 * 2 + 1, "swiglu": 2}
+    counts = patch_fused(m, rope=True)
+    assert counts == {"rms_norm": 2 * 2 + 1, "swiglu": 2, "rope": 1}
+    from transformers.models.llama import modeling_llama
+
+    assert modeling_llama.apply_rotary_pos_emb.__name__ == "_rope"
     ids = torch.randint(0, 1000, (2, 9))
     a, ga = _loss_and_grads(m, ids)
     b, gb = _loss_and_grads(ref, ids)
@@ -136,7 +139,9 @@ def test_fused_modules_match_originals(tiny_dir):
     for k in ga:
         assert torch.allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6), k
     unpatch_fused(m)
+    unpatch_rope()
     assert not any(hasattr(x, "_orig_forward") for x in m.modules())
+    assert modeling_llama.apply_rotary_pos_emb.__name__ == "apply_rotary_pos_emb"
 
 
 def test_offloaded_checkpointing_matches_plain_checkpointing(tiny_dir):

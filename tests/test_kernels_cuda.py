@@ -39,6 +39,23 @@ def test_compiled_rms_norm_and_swiglu_match_eager():
         assert _rel(z, z0) < 1e-2 and _rel(ga, ga0) < 2e-2 and _rel(gb, gb0) < 2e-2
 
 
+def test_compiled_rope_matches_eager():
+    from tunesmith.kernels.fused import _fn, rope_ref
+
+    dev = torch.device("cuda")
+    for t in (5, 2048):
+        q = torch.randn(2, 16, t, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(2, 8, t, 128, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        cos = torch.randn(2, t, 128, device=dev, dtype=torch.bfloat16)
+        sin = torch.randn(2, t, 128, device=dev, dtype=torch.bfloat16)
+        a = _fn("rope", rope_ref, dev)(q, k, cos, sin, 1)
+        b = rope_ref(q, k, cos, sin, 1)
+        ga = torch.autograd.grad(a, (q, k), (torch.ones_like(a[0]), torch.ones_like(a[1])))
+        gb = torch.autograd.grad(b, (q, k), (torch.ones_like(b[0]), torch.ones_like(b[1])))
+        for x, y in zip(a + ga, b + gb):
+            assert _rel(x, y) < 1e-2
+
+
 def test_linear_ce_cuda_bf16():
     from tunesmith.kernels.linear_ce import linear_cross_entropy
 

@@ -2,7 +2,7 @@
 
 - :mod:`.linear_ce`  output projection + cross-entropy with the gradient made in the forward pass (everywhere);
 - :mod:`.lora`       a PEFT LoRA linear layer as one autograd function (bf16/fp32 and NF4 bases; everywhere);
-- :mod:`.fused`      RMSNorm and SwiGLU compiled into single kernels (CUDA);
+- :mod:`.fused`      RMSNorm, SwiGLU and rotary embedding compiled into single kernels (CUDA);
 - :mod:`.offload`    activation checkpointing that keeps layer inputs in pinned host memory (CUDA, one device).
 
 ``train.kernels: off`` turns the first three off (the reference path); ``train.offload_activations`` the last.
@@ -26,7 +26,7 @@ def apply(model, *, device: torch.device, method: str, kernels: str) -> list[str
     if device.type == "cuda" or kernels == "on":
         from .fused import patch_fused
 
-        c = patch_fused(model)
+        c = patch_fused(model, rope=device.type == "cuda")
         used += [k for k, v in c.items() if v]
     return used
 

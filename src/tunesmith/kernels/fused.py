@@ -39,6 +39,21 @@ def _fn(name: str, ref, device: torch.device):
     return _compiled[name]
 
 
+def rope_ref(q, k, cos, sin, unsqueeze_dim=1):
+    """Rotary embedding as transformers' Llama/Qwen2 `apply_rotary_pos_emb` computes it."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+    def rot(x):
+        h = x.shape[-1] // 2
+        return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+    return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+
+def _rope(q, k, cos, sin, unsqueeze_dim=1):
+    return _fn("rope", rope_ref, q.device)(q, k, cos, sin, unsqueeze_dim)
+
+
 def _norm_forward(self, hidden_states):
     return _fn("rms_norm", rms_norm_ref, hidden_states.device)(hidden_states, self.weight, self.variance_epsilon)
 
@@ -60,9 +75,39 @@ def _is_swiglu_mlp(m: nn.Module) -> bool:
                  or type(getattr(m, "act_fn", None)).__name__ == "SiLUActivation"))  # transformers' own SiLU
 
 
-def patch_fused(model: nn.Module) -> dict[str, int]:
-    """Route RMSNorm and SiLU-gated MLP modules of `model` through the fused functions; returns counts."""
-    counts = {"rms_norm": 0, "swiglu": 0}
+_ROPE_MODULES = ("transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
+                 "transformers.models.mistral.modeling_mistral", "transformers.models.qwen3.modeling_qwen3")
+_rope_patched: dict[str, object] = {}
+
+
+def _patch_rope(model: nn.Module) -> int:
+    """Swap the module-level `apply_rotary_pos_emb` of the model families whose formula is `rope_ref`'s."""
+    import sys
+
+    names = {type(m).__module__ for m in model.modules()} & set(_ROPE_MODULES)
+    for name in names:
+        mod = sys.modules[name]
+        if name not in _rope_patched and hasattr(mod, "apply_rotary_pos_emb"):
+            _rope_patched[name] = mod.apply_rotary_pos_emb
+            mod.apply_rotary_pos_emb = _rope
+    return len(names)
+
+
+def unpatch_rope() -> None:
+    import sys
+
+    for name, fn in _rope_patched.items():
+        sys.modules[name].apply_rotary_pos_emb = fn
+    _rope_patched.clear()
+
+
+def patch_fused(model: nn.Module, rope: bool = False) -> dict[str, int]:
+    """Route RMSNorm and SiLU-gated MLP modules of `model` through the fused functions; returns counts.
+
+    `rope`: also the rotary embedding of Llama/Qwen2/Mistral/Qwen3 (a process-wide swap of the function in
+    their transformers module, same arithmetic; `unpatch_rope()` undoes it).
+    """
+    counts = {"rms_norm": 0, "swiglu": 0, "rope": _patch_rope(model) if rope else 0}
     for m in model.modules():
         if hasattr(m, "_orig_forward"):
             continue
