@@ -119,6 +119,15 @@ def test_identity_pool_has_third_person_questions():
         assert {q["category"] for q in third} >= {"name", "creator"}, lang
 
 
+@pytest.mark.parametrize("lang", LANGS)
+def test_a_limited_pool_is_a_fair_sample(lang):
+    """`eval.limit` / `--limit N` take the first N prompts: those mix every category and kind."""
+    assert {q["category"] for q in EVAL_IDENTITY_QUESTIONS[lang][:10]} == set(EVAL_CATEGORIES)
+    assert {p["kind"] for p in EVAL_GENERAL_PROMPTS[lang][:20]} == set(GENERAL_KINDS)
+    facts = [p for p in EVAL_GENERAL_PROMPTS[lang][:40] if p["kind"] == "fact"]
+    assert len(facts) >= 20  # in proportion: facts are most of the pool
+
+
 def test_matches_expected():
     assert matches_expected("The capital is ROME.", ["Rome"]) is True
     assert matches_expected("Nineteen.", ["19", "nineteen"]) is True

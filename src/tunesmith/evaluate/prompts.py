@@ -14,6 +14,8 @@ evaluation can therefore measure, on prompts the model never trained on:
 
 from __future__ import annotations
 
+import random
+
 EVAL_CATEGORIES: tuple[str, ...] = ("identity", "name", "creator", "denial", "intro")
 GENERAL_KINDS: tuple[str, ...] = ("fact", "arithmetic", "translation", "writing")
 
@@ -451,6 +453,24 @@ EVAL_GENERAL_PROMPTS: dict[str, list[dict]] = {
         _p("writing", "列出去海边玩要带的三样东西。"),
     ],
 }
+
+
+def _stratified(pool: list[dict], key: str) -> list[dict]:
+    """The pool reordered so that every prefix mixes the groups (``key``) in proportion, and topics within a
+    group (shuffled with a fixed seed): ``eval.limit`` / ``--limit N`` take the first N prompts, which are then
+    a fair sample rather than the first category. The full pool, and so every full-pool figure, is unchanged."""
+    groups: dict[str, list[dict]] = {}
+    for item in pool:
+        groups.setdefault(item[key], []).append(item)
+    for g in groups.values():
+        random.Random(0).shuffle(g)
+    ranked = [((i + 0.5) / len(g), k, i) for k, g in enumerate(groups.values()) for i in range(len(g))]
+    members = list(groups.values())
+    return [members[k][i] for _, k, i in sorted(ranked)]
+
+
+EVAL_IDENTITY_QUESTIONS = {lang: _stratified(v, "category") for lang, v in EVAL_IDENTITY_QUESTIONS.items()}
+EVAL_GENERAL_PROMPTS = {lang: _stratified(v, "kind") for lang, v in EVAL_GENERAL_PROMPTS.items()}
 
 
 def matches_expected(answer: str, expect_any: list[str]) -> bool | None:
