@@ -118,3 +118,23 @@ def test_merge_rejects_a_folder_that_is_not_an_adapter(tiny_dir, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "not a PEFT adapter folder" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_fp16_loss_scaling_path_trains_like_the_unscaled_one(tiny_dir, tmp_path, monkeypatch):
+    """GPUs without bf16 train in fp16 with a GradScaler; its scale/unscale/step plumbing must not change the
+    result (power-of-two scaling is exact in fp32, so the losses match the unscaled run)."""
+    from tunesmith.train import loop
+
+    assert loop.grad_scaler(torch.device("cpu"), torch.float32).is_enabled() is False
+    ref = train(make_cfg(tiny_dir, tmp_path / "a", max_steps=4, save_steps=0), log=quiet)
+    made = []
+
+    def scaler(device, dtype):
+        made.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, enabled=True))
+        return made[-1]
+
+    monkeypatch.setattr(loop, "grad_scaler", scaler)
+    got = train(make_cfg(tiny_dir, tmp_path / "b", max_steps=4, save_steps=0), log=quiet)
+    assert made and made[0].get_scale() == 2.0 ** 12  # no overflow, no skipped step
+    for x, y in zip(got.losses, ref.losses):
+        assert abs(x - y) <= 1e-5 * abs(y)

@@ -32,8 +32,9 @@ def apply(model, *, device: torch.device, method: str, kernels: str) -> list[str
 
 
 def use_offload(setting, device: torch.device, world: int, grad_checkpointing: bool) -> bool:
-    if not grad_checkpointing:
+    """Offloaded checkpointing: one device only (under FSDP the layers' own checkpointing stays)."""
+    if not grad_checkpointing or world > 1:
         return False
     if setting == "auto":
-        return device.type == "cuda" and world == 1
+        return device.type == "cuda"
     return bool(setting)

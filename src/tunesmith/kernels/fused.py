@@ -31,11 +31,35 @@ def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 _compiled: dict[str, object] = {}
 
 
+def _can_compile() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 def _fn(name: str, ref, device: torch.device):
+    """`ref` compiled for CUDA (once per function), or `ref` itself: on the CPU, without Triton, or when
+    compiling fails (a warning says so and training goes on eagerly)."""
     if device.type != "cuda":
         return ref
     if name not in _compiled:
-        _compiled[name] = torch.compile(ref, dynamic=True, fullgraph=True)
+        if not _can_compile():
+            _compiled[name] = ref
+        else:
+            compiled = torch.compile(ref, dynamic=True, fullgraph=True)
+
+            def guarded(*args, _c=compiled, _name=name):
+                try:
+                    return _c(*args)
+                except Exception as e:  # an old GPU, a broken compiler toolchain: keep training, eagerly
+                    import warnings
+
+                    warnings.warn(f"tunesmith: torch.compile of {_name} failed ({type(e).__name__}: {e}); "
+                                  "using the eager version")
+                    _compiled[_name] = ref
+                    return ref(*args)
+
+            _compiled[name] = guarded
     return _compiled[name]
 
 

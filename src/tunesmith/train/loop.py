@@ -58,6 +58,12 @@ def seed_all(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def grad_scaler(device: torch.device, dtype: torch.dtype):
+    """Loss scaling for fp16 training (GPUs without bf16: T4, V100, RTX 20xx), so small gradients do not
+    underflow; disabled (pass-through) for bf16 and fp32."""
+    return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and dtype == torch.float16)
+
+
 def lr_lambda(warmup: int, total: int):
     """Linear warmup then cosine decay to zero."""
 
@@ -149,6 +155,8 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         convs += cached_self_distill(work / f"regularize-{key[:12]}.jsonl", model, tokenizer, reg, langs, n_reg,
                                      system, tc.seed, dist.is_main, log)
     offload = use_offload(tc.offload_activations, device, dist.world, tc.grad_checkpointing)
+    if tc.offload_activations is True and not offload:
+        log("train.offload_activations ignored: it needs grad_checkpointing and one process")
     if cfg.method == "full":
         if tc.grad_checkpointing:
             mload.enable_checkpointing(model, offload)
@@ -195,6 +203,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=tc.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total_steps))
+    scaler = grad_scaler(device, dtype)
 
     start_step = 0
     if resume_dir:
@@ -242,11 +251,13 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
             b = {k: v.to(device) for k, v in b.items()}
             with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
                 s, _ = root(causal_lm_loss_sum, b, None, "linear-ce" in fast)
-            (s / max(1, n_tok_step)).backward()  # FSDP sums (not averages) these over ranks
+            scaler.scale(s / max(1, n_tok_step)).backward()  # FSDP sums (not averages) these over ranks
             loss_sum += float(s.detach())
         loss_sum = distributed.all_sum(dist, loss_sum)
+        scaler.unscale_(optimizer)  # fp16 only: true gradients before clipping (a no-op otherwise)
         gnorm = distributed.clip_grad_norm(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else torch.tensor(0.0)
-        optimizer.step()
+        scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_sum / max(1, n_tok_step)
