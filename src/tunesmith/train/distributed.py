@@ -219,8 +219,12 @@ def shard(d: Dist, model: nn.Module) -> Root:
     on_meta = any(p.is_meta for p in model.parameters())
 
     mesh = init_device_mesh(d.device.type, (d.world,))
+    # When the layers' big weights are kept whole (replicated frozen base, NF4), what FSDP shards in a layer is
+    # only its small LoRA weights: keep them gathered from forward to backward instead of gathering them again
+    # for the recompute and the backward pass (a few MB per layer, two collectives fewer per layer and step).
+    keep_gathered = bool(ignored)
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, ignored_params=ignored or None)
+        fully_shard(layer, mesh=mesh, ignored_params=ignored or None, reshard_after_forward=not keep_gathered)
     fully_shard(root, mesh=mesh, ignored_params=ignored or None)
     for m in root.modules():
         if isinstance(m, FSDPModule):  # each rank's loss is already a share of the global mean: SUM, not AVG
