@@ -7,10 +7,13 @@ backward pass. Here the frozen base matmul and the low-rank update are three mat
 
     dB = s · g^T (x A^T)      dA = s · (g B)^T x      dx = g W + s · (g B) A
 
+LoRA dropout (``lora.dropout > 0``) applies to the adapter's input only, as in PEFT: ``x`` above becomes
+``m ⊙ x / (1 - p)`` with a Bernoulli mask ``m`` (kept, 1 byte an element, for ``dx``).
+
 The base weight may be a plain (frozen) tensor or a bitsandbytes NF4 ``Params4bit``, dequantised in the forward
 pass and again in the backward pass (nothing dequantised is kept). Adapters keep fp32 master weights; the
-matmuls run in the autocast dtype. Any layer this does not cover (several active adapters, dropout > 0, DoRA,
-merged weights, another base layer type) keeps PEFT's own forward. The reference is PEFT itself
+matmuls run in the autocast dtype. Any layer this does not cover (several active adapters, DoRA, merged weights,
+another dropout or base layer type) keeps PEFT's own forward. The reference is PEFT itself
 (``tests/test_kernels.py``: outputs and every gradient compared).
 """
 
@@ -34,7 +37,7 @@ def _dequant(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, a, b, bias, base, scaling, cd):
+    def forward(ctx, x, a, b, bias, base, scaling, cd, p):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(cd)
         ac, bc = a.to(cd), b.to(cd)
@@ -43,17 +46,23 @@ class _LoraLinear(torch.autograd.Function):
         del w
         if bias is not None:
             y += bias.to(cd)
-        xa = x2 @ ac.t()
+        mask = None
+        if p > 0.0:  # LoRA dropout on the adapter's input only (the base sees x as is), as PEFT does
+            mask = torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
+            xd = x2 * mask * (1.0 / (1.0 - p))
+        else:
+            xd = x2
+        xa = xd @ ac.t()
         y.addmm_(xa, bc.t(), alpha=scaling)
-        ctx.save_for_backward(x2, xa, ac, bc)
-        ctx.base, ctx.scaling, ctx.cd = base, scaling, cd
+        ctx.save_for_backward(xd, xa, ac, bc, mask)
+        ctx.base, ctx.scaling, ctx.cd, ctx.p = base, scaling, cd, p
         ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = x.dtype, a.dtype, b.dtype
         ctx.x_shape = shape
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, g):
-        x2, xa, ac, bc = ctx.saved_tensors
+        xd, xa, ac, bc, mask = ctx.saved_tensors
         s = ctx.scaling
         g2 = g.reshape(-1, g.shape[-1]).to(ctx.cd)
         gb = g2 @ bc  # n x r
@@ -61,21 +70,25 @@ class _LoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = (g2.t() @ xa).mul_(s).to(ctx.b_dtype)
         if ctx.needs_input_grad[1]:
-            grad_a = (gb.t() @ x2).mul_(s).to(ctx.a_dtype)
+            grad_a = (gb.t() @ xd).mul_(s).to(ctx.a_dtype)
         if ctx.needs_input_grad[0]:
             w = _dequant(ctx.base, ctx.cd)
             grad_x = g2 @ w
             del w
-            grad_x.addmm_(gb, ac, alpha=s)
+            if mask is None:
+                grad_x.addmm_(gb, ac, alpha=s)
+            else:
+                grad_x += (gb @ ac).mul_(mask).mul_(s / (1.0 - ctx.p))
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
-def lora_linear(x, a, b, bias, base, scaling):
+def lora_linear(x, a, b, bias, base, scaling, dropout: float = 0.0):
+    """``x W^T (+ bias) + scaling · (dropout(x) A^T) B^T`` with the backward pass written out (see the module)."""
     dev = x.device.type
     cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype, a.dtype)
     with torch.autocast(dev, enabled=False):
-        return _LoraLinear.apply(x, a, b, bias, base, scaling, cd)
+        return _LoraLinear.apply(x, a, b, bias, base, scaling, cd, float(dropout))
 
 
 def _plain_base(base: nn.Module) -> bool:
@@ -96,13 +109,18 @@ def _fast_forward(self, x, *args, **kwargs):
         return self._peft_forward(x, *args, **kwargs)
     name = active[0]
     drop = self.lora_dropout[name]
-    if self.use_dora.get(name, False) or not (isinstance(drop, nn.Identity) or (self.training is False)
-                                              or getattr(drop, "p", 1.0) == 0.0):
+    if isinstance(drop, nn.Identity):
+        p = 0.0
+    elif type(drop) is nn.Dropout:
+        p = drop.p if drop.training else 0.0
+    else:
+        return self._peft_forward(x, *args, **kwargs)
+    if self.use_dora.get(name, False) or p >= 1.0:
         return self._peft_forward(x, *args, **kwargs)
     base = self.base_layer
     if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
         return self._peft_forward(x, *args, **kwargs)  # bitsandbytes' CPU inference layout: its own kernel
-    return lora_linear(x, self.lora_A[name].weight, self.lora_B[name].weight, base.bias, base, self.scaling[name])
+    return lora_linear(x, self.lora_A[name].weight, self.lora_B[name].weight, base.bias, base, self.scaling[name], p)
 
 
 def patch_lora(model: nn.Module) -> int:
