@@ -45,3 +45,13 @@ def test_cli_list_cfg_and_bad_override():
     r = subprocess.run([sys.executable, "-m", "tunesmith", "train", "smollm2_135m_instruct_lora_persona",
                         "train.bach_size=2"], capture_output=True, text=True)
     assert r.returncode == 2 and "did you mean 'train.batch_size'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_yaml_on_off_for_kernels(tmp_path):
+    """YAML 1.1 reads a bare `off` as false: `train.kernels: off` must still mean the reference path."""
+    from tunesmith.config import load_config
+
+    src = tmp_path / "c.yaml"
+    src.write_text("model: {name: x}\ndata: {files: [{path: d.jsonl}]}\ntrain: {kernels: off}\n")
+    assert load_config(src).train.kernels == "off"
+    assert load_config(src, ["train.kernels=on"]).train.kernels == "on"

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -94,6 +94,11 @@ class TrainCfg(_Strict):
     system: str | None = None
     max_new_tokens: int = 64
     device: str = "auto"
+
+    @field_validator("kernels", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):  # YAML reads a bare on / off as true / false
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 class EvalCfg(_Strict):
