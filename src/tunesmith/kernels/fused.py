@@ -87,14 +87,21 @@ def _mlp_forward(self, x):
     return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
 
 
+# Families whose RMSNorm computes exactly `rms_norm_ref` and whose MLP is down(silu(gate(x)) * up(x)); others
+# (Gemma's 1 + weight, OLMo's cast order, fused gate_up projections, …) keep their own modules.
+NORM_CLASSES = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm", "Qwen2MoeRMSNorm",
+                "Qwen3MoeRMSNorm", "InternLM2RMSNorm"}
+MLP_CLASSES = {"LlamaMLP", "Qwen2MLP", "Qwen3MLP", "MistralMLP"}
+
+
 def _is_rmsnorm(m: nn.Module) -> bool:
-    return (type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "weight", None), torch.Tensor)
-            and isinstance(getattr(m, "variance_epsilon", None), float) and type(m).forward.__code__.co_argcount == 2
-            and not getattr(m.__class__, "_tunesmith_skip", False))
+    return (type(m).__name__ in NORM_CLASSES and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and isinstance(getattr(m, "variance_epsilon", None), float))
 
 
 def _is_swiglu_mlp(m: nn.Module) -> bool:
-    return (all(isinstance(getattr(m, k, None), nn.Module) for k in ("gate_proj", "up_proj", "down_proj"))
+    return (type(m).__name__ in MLP_CLASSES
+            and all(isinstance(getattr(m, k, None), nn.Module) for k in ("gate_proj", "up_proj", "down_proj"))
             and (isinstance(getattr(m, "act_fn", None), nn.SiLU)
                  or type(getattr(m, "act_fn", None)).__name__ == "SiLUActivation"))  # transformers' own SiLU
 
@@ -135,7 +142,7 @@ def patch_fused(model: nn.Module, rope: bool = False) -> dict[str, int]:
     for m in model.modules():
         if hasattr(m, "_orig_forward"):
             continue
-        if _is_rmsnorm(m) and "Gemma" not in type(m).__name__:  # Gemma scales by (1 + weight): not this formula
+        if _is_rmsnorm(m):
             m._orig_forward, m.forward = m.forward, types.MethodType(_norm_forward, m)
             counts["rms_norm"] += 1
         elif _is_swiglu_mlp(m):
