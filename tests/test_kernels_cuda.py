@@ -119,3 +119,29 @@ def test_lora_function_and_offload_cuda(method):
         assert _rel(out, ref_out) < 1e-2
         for k in g:
             assert _rel(g[k], ref_g[k]) < 3e-2, k
+
+
+def test_lora_dropout_cuda_bf16_matches_masked_reference():
+    import torch.nn as nn
+
+    from tunesmith.kernels.lora import lora_linear
+
+    torch.manual_seed(0)
+    base = nn.Linear(512, 768, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    a = (torch.randn(16, 512, device="cuda") * 0.05).requires_grad_()
+    b = (torch.randn(768, 16, device="cuda") * 0.05).requires_grad_()
+    p, s = 0.1, 2.0
+    torch.manual_seed(7)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = lora_linear(x, a, b, base.bias, base, s, p)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, a, b), g)
+    torch.manual_seed(7)
+    mask = torch.empty(1024, 512, dtype=torch.bool, device="cuda").bernoulli_(1 - p).view(4, 256, 512)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = base(x) + s * F.linear(F.linear(x * mask / (1 - p), a), b)
+    want = torch.autograd.grad(ref, (x, a, b), g)
+    assert _rel(y, ref) < 1e-2
+    for u, v in zip(got, want):
+        assert _rel(u, v) < 2e-2
