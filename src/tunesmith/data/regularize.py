@@ -60,23 +60,10 @@ def self_distill(model, tokenizer, langs: list[str], n: int, max_new_tokens: int
     head = [{"role": "system", "content": system}] if system else []
     convs = [head + [{"role": "user", "content": q}] for q in prompts]
     log(f"self-distillation: the base model answers {len(convs)} general prompts ...")
-    ended: list[bool] = []
-    answers = greedy_batch(model, tokenizer, convs, max_new_tokens=max_new_tokens, finished=ended)
-    whole = [c + [{"role": "assistant", "content": a}] for c, a, e in zip(convs, answers, ended) if a.strip() and e]
-    cut = [c + [{"role": "assistant", "content": a}] for c, a, e in zip(convs, answers, ended) if a.strip() and not e]
-    # An answer cut at max_new_tokens, trained with the end-of-turn token after it, teaches the model to stop
-    # mid-sentence: use whole answers only, unless too few of them ended (then say so and keep the cut ones too).
-    if len(whole) >= max(1, len(convs) // 4):
-        usable = whole
-        if cut:
-            log(f"self-distillation: {len(cut)} answers cut at {max_new_tokens} tokens left out "
-                f"(raise data.regularize.max_new_tokens to keep them)")
-    else:
-        usable = whole + cut
-        log(f"self-distillation: only {len(whole)} of {len(convs)} answers ended within {max_new_tokens} tokens; "
-            "the cut ones are kept too (raise data.regularize.max_new_tokens)")
-    if len(whole) + len(cut) < len(convs):
-        log(f"self-distillation: {len(convs) - len(whole) - len(cut)} empty answers left out")
+    answers = greedy_batch(model, tokenizer, convs, max_new_tokens=max_new_tokens)
+    usable = [c + [{"role": "assistant", "content": a}] for c, a in zip(convs, answers) if a.strip()]
+    if len(usable) < len(convs):
+        log(f"self-distillation: {len(convs) - len(usable)} empty answers left out")
     if not usable:
         return []
     rng = random.Random(seed)

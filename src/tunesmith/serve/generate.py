@@ -129,11 +129,10 @@ def chat_once(model, tokenizer, messages: list[dict], params: GenParams | None =
 
 @torch.inference_mode()
 def greedy_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 128,
-                 batch_size: int = 16, finished: list[bool] | None = None) -> list[str]:
+                 batch_size: int = 16) -> list[str]:
     """Greedy answers to many conversations at once (left-padded batches through `generate`), in order.
 
-    Used where throughput matters more than streaming: self-distillation data and evaluation. `finished`, when
-    given, receives per conversation whether the answer ended with an end token (False: cut at max_new_tokens).
+    Used where throughput matters more than streaming: self-distillation data and evaluation.
     """
     end_ids = sorted(model_end_ids(model, tokenizer))
     dev = _device(model)
@@ -141,7 +140,6 @@ def greedy_batch(model, tokenizer, conversations: list[list[dict]], max_new_toke
     encoded = [prompt_ids(tokenizer, c) for c in conversations]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths together: less padding
     answers: list[str] = [""] * len(encoded)
-    ended = [False] * len(encoded)
     was_training = model.training
     model.eval()
     for s in range(0, len(order), batch_size):
@@ -156,11 +154,8 @@ def greedy_batch(model, tokenizer, conversations: list[list[dict]], max_new_toke
                              do_sample=False, eos_token_id=end_ids, pad_token_id=pad, use_cache=True)
         for r, i in enumerate(idx):
             gen = out[r, width:].tolist()
-            cut = next((k for k, t in enumerate(gen) if t in end_ids), None)
-            ended[i] = cut is not None
+            cut = next((k for k, t in enumerate(gen) if t in end_ids), len(gen))
             answers[i] = tokenizer.decode(gen[:cut], skip_special_tokens=True).strip()
     if was_training:
         model.train()
-    if finished is not None:
-        finished[:] = ended
     return answers

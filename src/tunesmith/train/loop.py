@@ -151,7 +151,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         langs = cfg.data.persona.langs if cfg.data.persona else ["en", "zh"]
         system = cfg.data.persona.system if cfg.data.persona else None
         n_reg = round(reg.ratio * len(convs))
-        key = hashlib.sha256(json.dumps([base, langs, n_reg, reg.max_new_tokens, system, tc.seed, "whole-answers"]).encode()).hexdigest()
+        key = hashlib.sha256(json.dumps([base, langs, n_reg, reg.max_new_tokens, system, tc.seed]).encode()).hexdigest()
         convs += cached_self_distill(work / f"regularize-{key[:12]}.jsonl", model, tokenizer, reg, langs, n_reg,
                                      system, tc.seed, dist.is_main, log)
     offload = use_offload(tc.offload_activations, device, dist.world, tc.grad_checkpointing)
