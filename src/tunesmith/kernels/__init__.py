@@ -10,7 +10,28 @@
 
 from __future__ import annotations
 
+import types
+
 import torch
+
+ORIG = "_orig_forward"  # where a patched module keeps its own forward
+
+
+def swap_forward(m: torch.nn.Module, fn) -> bool:
+    """Route `m.forward` through `fn(m, ...)`, keeping the original as `m._orig_forward`; False if already done."""
+    if hasattr(m, ORIG):
+        return False
+    setattr(m, ORIG, m.forward)
+    m.forward = types.MethodType(fn, m)
+    return True
+
+
+def restore_forwards(model: torch.nn.Module) -> None:
+    """Undo every `swap_forward` in `model`."""
+    for m in model.modules():
+        if hasattr(m, ORIG):
+            m.forward = getattr(m, ORIG)
+            delattr(m, ORIG)
 
 
 def apply(model, *, device: torch.device, method: str, kernels: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""Fused RMSNorm and SwiGLU for Llama-family blocks (Llama, Qwen2, InternLM2 as tunesmith loads it).
+"""Fused RMSNorm, SwiGLU and rotary embedding for Llama-family blocks (Llama, Qwen2/3, Mistral, InternLM2).
 
 The Hugging Face modules run these as chains of elementwise kernels (RMSNorm: upcast, square, mean, rsqrt,
 multiply, downcast, scale — each reading and writing the whole activation), and autograd keeps several of
@@ -10,11 +10,11 @@ ones (outputs and gradients), and the GPU test does so for the compiled kernels.
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from . import restore_forwards, swap_forward
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -140,19 +140,12 @@ def patch_fused(model: nn.Module, rope: bool = False) -> dict[str, int]:
     """
     counts = {"rms_norm": 0, "swiglu": 0, "rope": _patch_rope(model) if rope else 0}
     for m in model.modules():
-        if hasattr(m, "_orig_forward"):
-            continue
         if _is_rmsnorm(m):
-            m._orig_forward, m.forward = m.forward, types.MethodType(_norm_forward, m)
-            counts["rms_norm"] += 1
+            counts["rms_norm"] += swap_forward(m, _norm_forward)
         elif _is_swiglu_mlp(m):
-            m._orig_forward, m.forward = m.forward, types.MethodType(_mlp_forward, m)
-            counts["swiglu"] += 1
+            counts["swiglu"] += swap_forward(m, _mlp_forward)
     return counts
 
 
 def unpatch_fused(model: nn.Module) -> None:
-    for m in model.modules():
-        if hasattr(m, "_orig_forward"):
-            m.forward = m._orig_forward
-            del m._orig_forward
+    restore_forwards(model)

@@ -19,10 +19,10 @@ another dropout or base layer type) keeps PEFT's own forward. The reference is P
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn as nn
+
+from . import restore_forwards, swap_forward
 
 
 def _dequant(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -106,7 +106,7 @@ def _fast_forward(self, x, *args, **kwargs):
     active = self.active_adapters
     if (args or kwargs or self.disable_adapters or self.merged or len(active) != 1
             or active[0] not in self.lora_A):
-        return self._peft_forward(x, *args, **kwargs)
+        return self._orig_forward(x, *args, **kwargs)
     name = active[0]
     drop = self.lora_dropout[name]
     if isinstance(drop, nn.Identity):
@@ -114,12 +114,12 @@ def _fast_forward(self, x, *args, **kwargs):
     elif type(drop) is nn.Dropout:
         p = drop.p if drop.training else 0.0
     else:
-        return self._peft_forward(x, *args, **kwargs)
+        return self._orig_forward(x, *args, **kwargs)
     if self.use_dora.get(name, False) or p >= 1.0:
-        return self._peft_forward(x, *args, **kwargs)
+        return self._orig_forward(x, *args, **kwargs)
     base = self.base_layer
     if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
-        return self._peft_forward(x, *args, **kwargs)  # bitsandbytes' CPU inference layout: its own kernel
+        return self._orig_forward(x, *args, **kwargs)  # bitsandbytes' CPU inference layout: its own kernel
     return lora_linear(x, self.lora_A[name].weight, self.lora_B[name].weight, base.bias, base, self.scaling[name], p)
 
 
@@ -138,15 +138,10 @@ def patch_lora(model: nn.Module) -> int:
         pass
     n = 0
     for m in model.modules():
-        if type(m) in kinds and _plain_base(m.base_layer) and not hasattr(m, "_peft_forward"):
-            m._peft_forward = m.forward
-            m.forward = types.MethodType(_fast_forward, m)
-            n += 1
+        if type(m) in kinds and _plain_base(m.base_layer):
+            n += swap_forward(m, _fast_forward)
     return n
 
 
 def unpatch_lora(model: nn.Module) -> None:
-    for m in model.modules():
-        if hasattr(m, "_peft_forward"):
-            m.forward = m._peft_forward
-            del m._peft_forward
+    restore_forwards(model)

@@ -27,7 +27,6 @@ from ..data.regularize import cached_self_distill
 from ..errors import UserError
 from ..fsutil import atomic_dir
 from .. import kernels
-from ..kernels import use_offload
 from ..models import load as mload
 from ..serve.generate import GenParams, chat_once
 from . import checkpoint as ck
@@ -154,7 +153,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         key = hashlib.sha256(json.dumps([base, langs, n_reg, reg.max_new_tokens, system, tc.seed]).encode()).hexdigest()
         convs += cached_self_distill(work / f"regularize-{key[:12]}.jsonl", model, tokenizer, reg, langs, n_reg,
                                      system, tc.seed, dist.is_main, log)
-    offload = use_offload(tc.offload_activations, device, dist.world, tc.grad_checkpointing)
+    offload = kernels.use_offload(tc.offload_activations, device, dist.world, tc.grad_checkpointing)
     if tc.offload_activations is True and not offload:
         log("train.offload_activations ignored: it needs grad_checkpointing and one process")
     if cfg.method == "full":
