@@ -80,7 +80,7 @@ class TrainCfg(_Strict):
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
     grad_checkpointing: bool = True
-    # fast paths (fused linear+CE, one-function LoRA layers, compiled RMSNorm/SwiGLU on CUDA); 'off' = reference path
+    # fast paths (fused linear+CE, one-function LoRA layers, compiled RMSNorm/SwiGLU/RoPE on CUDA); off = reference path
     kernels: Literal["auto", "on", "off"] = "auto"
     # keep checkpointed layer inputs in pinned host memory ('auto': on for one CUDA device)
     offload_activations: Literal["auto"] | bool = "auto"
