@@ -51,8 +51,11 @@ class DataFileCfg(_Strict):
 class RegularizeCfg(_Strict):
     """Self-distillation: general prompts answered by the base model before training, mixed in."""
 
-    ratio: float = 0.0
-    max_new_tokens: int = 128
+    ratio: float = Field(0.0, ge=0.0)
+    max_new_tokens: int = Field(128, ge=1)
+    # train those answers towards the base model's whole next-token distribution (forward KL, the base being the
+    # model with its LoRA adapter switched off) instead of by cross-entropy on the one sampled answer
+    kl: bool = False
 
 
 class DataCfg(_Strict):
@@ -117,6 +120,13 @@ class Config(_Strict):
     train: TrainCfg = TrainCfg()
     eval: EvalCfg = EvalCfg()
     work_dir: str = "work_dirs/run"
+
+    @model_validator(mode="after")
+    def _kl_needs_adapter(self) -> "Config":
+        if self.data.regularize.kl and self.method == "full":
+            raise ValueError("data.regularize.kl needs the base model beside the trained one: use method lora or "
+                             "qlora, or set data.regularize.kl=false for a full fine-tune")
+        return self
 
 
 # ----------------------------------------------------------------------------- errors

@@ -41,8 +41,12 @@ def tokenize(tokenizer, convs: list[list[dict]], generation_config=None) -> list
 
 
 def prepare(tokenizer, convs: list[list[dict]], max_length: int, truncation: str, packed: bool, seed: int,
-            generation_config=None) -> Prepared:
+            generation_config=None, n_kl: int = 0) -> Prepared:
+    """Tokenize, fit and pack; the last `n_kl` conversations are flagged `kl` (trained towards the base model's
+    distribution instead of by cross-entropy, see train/loss.py)."""
     samples = tokenize(tokenizer, convs, generation_config)
+    for s in samples[len(samples) - n_kl:] if n_kl else []:
+        s.kl = True
     kept, rep = fit_length(samples, max_length, truncation)
     if not kept:
         raise UserError(f"no sample is left to train on: {rep.dropped} dropped as longer than max_length="

@@ -30,7 +30,7 @@ def fit_length(samples: list[Rendered], max_length: int, mode: str) -> tuple[lis
             if mode == "drop":
                 rep.dropped += 1
                 continue
-            s = Rendered(s.input_ids[:max_length], s.labels[:max_length])
+            s = Rendered(s.input_ids[:max_length], s.labels[:max_length], s.kl)
             rep.truncated += 1
             if s.n_trained == 0:
                 rep.no_loss += 1
@@ -46,12 +46,18 @@ class Row:
     labels: list[int] = field(default_factory=list)
     position_ids: list[int] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
+    kl: list[bool] = field(default_factory=list)  # per sample: trained by KL to the base model (Rendered.kl)
 
     def add(self, s: Rendered) -> None:
         self.input_ids += s.input_ids
         self.labels += s.labels
         self.position_ids += list(range(len(s.input_ids)))
         self.lengths.append(len(s.input_ids))
+        self.kl.append(s.kl)
+
+    def kl_mask(self) -> list[bool]:
+        """Per token: whether it belongs to a sample trained by KL to the base model."""
+        return [d for n, d in zip(self.lengths, self.kl) for _ in range(n)]
 
 
 def pack(samples: list[Rendered], max_length: int, seed: int = 0) -> list[Row]:
@@ -86,16 +92,23 @@ def unpacked(samples: list[Rendered], seed: int = 0) -> list[Row]:
 
 
 def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows to the longest; padding continues position ids as its own span and carries no loss."""
+    """Right-pad rows to the longest; padding continues position ids as its own span and carries no loss.
+
+    When a row holds a sample flagged `kl`, the batch also carries `kl_mask` (bool, per token).
+    """
     width = max(len(r.input_ids) for r in rows)
-    ids, labels, pos = [], [], []
+    ids, labels, pos, dmask = [], [], [], []
     for r in rows:
         pad = width - len(r.input_ids)
         ids.append(r.input_ids + [pad_id] * pad)
         labels.append(r.labels + [IGNORE] * pad)
         pos.append(r.position_ids + list(range(pad)))
-    return {
+        dmask.append(r.kl_mask() + [False] * pad)
+    out = {
         "input_ids": torch.tensor(ids, dtype=torch.long),
         "labels": torch.tensor(labels, dtype=torch.long),
         "position_ids": torch.tensor(pos, dtype=torch.long),
     }
+    if any(any(r.kl) for r in rows):
+        out["kl_mask"] = torch.tensor(dmask, dtype=torch.bool)
+    return out

@@ -21,6 +21,7 @@ END_TOKEN_TEXTS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|en
 class Rendered:
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss
+    kl: bool = False  # a self-distillation sample trained towards the base model's distribution (data.regularize.kl)
 
     @property
     def n_trained(self) -> int:

@@ -146,13 +146,16 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     # ---- data: persona + files, plus self-distillation answers written by the base model before training
     convs = gather_conversations(cfg.data) + list(extra_conversations or [])
     reg = cfg.data.regularize
+    n_kl = 0  # the last n_kl conversations are trained by KL to the base model (data.regularize.kl)
     if reg.ratio > 0:
         langs = cfg.data.persona.langs if cfg.data.persona else ["en", "zh"]
         system = cfg.data.persona.system if cfg.data.persona else None
         n_reg = round(reg.ratio * len(convs))
         key = hashlib.sha256(json.dumps([base, langs, n_reg, reg.max_new_tokens, system, tc.seed]).encode()).hexdigest()
-        convs += cached_self_distill(work / f"regularize-{key[:12]}.jsonl", model, tokenizer, reg, langs, n_reg,
-                                     system, tc.seed, dist.is_main, log)
+        distilled = cached_self_distill(work / f"regularize-{key[:12]}.jsonl", model, tokenizer, reg, langs, n_reg,
+                                        system, tc.seed, dist.is_main, log)
+        convs += distilled
+        n_kl = len(distilled) if reg.kl else 0
     offload = kernels.use_offload(tc.offload_activations, device, dist.world, tc.grad_checkpointing)
     if tc.offload_activations is True and not offload:
         log("train.offload_activations ignored: it needs grad_checkpointing and one process")
@@ -175,13 +178,15 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     root = distributed.shard(dist, model)  # root(fn, *args) = fn(model, *args); FSDP2 across ranks if several
 
     prep = prepare(tokenizer, convs, cfg.data.max_length, cfg.data.truncation, cfg.data.pack, tc.seed,
-                   getattr(model, "generation_config", None))
+                   getattr(model, "generation_config", None), n_kl=n_kl)
     rows = prep.rows
     stats = length_stats(prep.samples)
     fit = prep.fit
     log(f"data: {prep.n_conversations} conversations -> {len(prep.samples)} samples "
         f"(tokens min/median/p95/max {stats['min']}/{stats['median']}/{stats['p95']}/{stats['max']}; "
         f"truncated {fit.truncated}, dropped {fit.dropped + fit.no_loss}) -> {len(rows)} rows of <= {cfg.data.max_length}")
+    if n_kl:
+        log(f"regularisation: {n_kl} self-distillation samples trained by KL to the base model's distribution")
 
     world = dist.world
     per_step_rows = tc.batch_size * tc.grad_accum * world

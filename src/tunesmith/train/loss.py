@@ -14,13 +14,41 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _chunk_kl(hidden: torch.Tensor, base_hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Forward KL(base || model), summed over positions, over the full vocabulary."""
+    with torch.no_grad():
+        base_logp = F.log_softmax(F.linear(base_hidden, weight).float(), dim=-1)
+    logp = F.log_softmax(F.linear(hidden, weight).float(), dim=-1)
+    return F.kl_div(logp, base_logp, reduction="sum", log_target=True)
+
+
+def _default_chunk(vocab: int) -> int:  # about 256M fp32 logits per chunk at most (1 GiB), whatever the vocabulary
+    return max(256, (1 << 28) // vocab)
+
+
+def base_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Last hidden states of the model with its LoRA adapter switched off (the frozen base), without gradient."""
+    if not hasattr(model, "disable_adapter"):
+        raise ValueError("KL regularisation needs the base model: it works with method lora or qlora, not full")
+    with torch.no_grad(), model.disable_adapter():
+        out = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
 def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int | None = None,
                        fused: bool = False) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over trained tokens, and their count.
+    """Sum of next-token losses over trained tokens, and their count.
 
     The decoder runs once; the output projection runs per chunk of trained positions under activation
     checkpointing, so memory grows with the number of trained tokens times `chunk`, not with the vocabulary
     times the sequence.
+
+    Trained tokens of samples flagged in `batch["kl_mask"]` (self-distillation samples with
+    `data.regularize.kl`) are trained towards the base model's own next-token distribution instead: forward
+    KL(base || model) over the whole vocabulary, the base being the same model with its adapter switched off
+    (one extra forward pass without gradient, only for batches that hold such samples). At the start of LoRA
+    training (B = 0) this term is exactly zero; it grows only where training moves the model away from the
+    base on ordinary prompts.
     """
     labels = batch["labels"]
     decoder = model.get_decoder()
@@ -29,31 +57,58 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int | None 
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     targets = labels[:, 1:]
     keep = targets != IGNORE
+    kl_keep = None
+    if batch.get("kl_mask") is not None:
+        kl_keep = keep & batch["kl_mask"][:, 1:]
+        keep = keep & ~kl_keep
     h = hidden[:, :-1][keep]
     t = targets[keep]
     n = int(t.numel())
-    if n == 0:
+    n_kl = 0 if kl_keep is None else int(kl_keep.sum())
+    if n + n_kl == 0:
         return hidden.sum() * 0.0, 0
-    if fused:
+    if chunk is None:
+        chunk = _default_chunk(head.weight.shape[0])
+    total = hidden.new_zeros((), dtype=torch.float32)
+    if n and fused:
         from ..kernels.linear_ce import linear_cross_entropy
 
-        return linear_cross_entropy(h, head.weight, t, chunk), n
-    if chunk is None:  # about 256M fp32 logits per chunk at most (1 GiB), whatever the vocabulary
-        chunk = max(256, (1 << 28) // head.weight.shape[0])
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, n, chunk):
-        hi, ti = h[i:i + chunk], t[i:i + chunk]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, hi, head.weight, ti, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(hi, head.weight, ti)
-    return total, n
+        total = total + linear_cross_entropy(h, head.weight, t, chunk)
+    elif n:
+        for i in range(0, n, chunk):
+            hi, ti = h[i:i + chunk], t[i:i + chunk]
+            if torch.is_grad_enabled():
+                total = total + checkpoint(_chunk_loss, hi, head.weight, ti, use_reentrant=False)
+            else:
+                total = total + _chunk_loss(hi, head.weight, ti)
+    if n_kl:
+        hk = hidden[:, :-1][kl_keep]
+        bk = base_hidden_states(model, batch)[:, :-1][kl_keep].to(hk.dtype)
+        for i in range(0, n_kl, chunk):
+            hi, bi = hk[i:i + chunk], bk[i:i + chunk]
+            if torch.is_grad_enabled():
+                total = total + checkpoint(_chunk_kl, hi, bi, head.weight, use_reentrant=False)
+            else:
+                total = total + _chunk_kl(hi, bi, head.weight)
+    return total, n + n_kl
 
 
 def reference_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Plain full-logits version of `causal_lm_loss_sum`, for tests."""
+    """Plain full-logits version of `causal_lm_loss_sum` (cross-entropy only, no `kl_mask`), for tests."""
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     targets = batch["labels"][:, 1:]
     lg = logits[:, :-1].float()
     loss = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
     return loss, int((targets != IGNORE).sum())
+
+
+def reference_kl_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Plain full-logits KL(base || model) over the trained tokens in `kl_mask`, for tests."""
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1].float()
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1].float()
+    sel = (batch["labels"][:, 1:] != IGNORE) & batch["kl_mask"][:, 1:]
+    p = F.log_softmax(base[sel], -1)
+    q = F.log_softmax(logits[sel], -1)
+    return (p.exp() * (p - q)).sum()
