@@ -329,9 +329,40 @@ def _versions(stack: str) -> dict:
     return out
 
 
+def _profiler():
+    """With TS_BENCH_PROFILE=DIR: a torch profiler (CPU + CUDA) over the timed steps, else None."""
+    if not os.environ.get("TS_BENCH_PROFILE"):
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+
+def _save_profile(prof, name: str, seconds: float, steps: int) -> None:
+    """Kernel time, launches and the top ops (by GPU and by CPU time) per step, to TS_BENCH_PROFILE/name.txt."""
+    if prof is None:
+        return
+    ev = prof.key_averages()
+    dev = sum(e.self_device_time_total for e in ev) / 1e3  # ms, all steps
+    launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                                      "cuLaunchKernelEx"))
+    ops = sum(e.count for e in ev if e.key.startswith("aten::"))
+    head = (f"{name}: wall {seconds / steps * 1e3:.1f} ms/step, GPU kernel time {dev / steps:.1f} ms/step "
+            f"({100 * dev / 1e3 / seconds:.0f} % busy), {launches / steps:.0f} kernel launches/step, "
+            f"{ops / steps:.0f} aten ops/step\n")
+    body = (ev.table(sort_by="self_device_time_total", row_limit=35) + "\n"
+            + ev.table(sort_by="self_cpu_time_total", row_limit=35))
+    d = Path(os.environ["TS_BENCH_PROFILE"])
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{name}.txt").write_text(head + body)
+    print(head, flush=True)
+
+
 def run_tunesmith(cmd: dict, emit, device) -> None:
     """The real tunesmith.train.loop.train(), fed pre-tokenised rows; one fresh train() per workload."""
     from unittest import mock
+
+    import torch
 
     from tunesmith.config import Config
     from tunesmith.data.build import Prepared
@@ -378,13 +409,26 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
                 "data": {"files": [{"path": str(data)}], "max_length": seq, "pack": True},
                 "train": {"max_steps": n_steps, "batch_size": batch, "grad_accum": 1, "lr": cmd["lr"],
                           "warmup_ratio": 0.0, "max_grad_norm": 1.0, "grad_checkpointing": True, "seed": seed,
+                          "offload_activations": {"1": True, "0": False}.get(os.environ.get("TS_BENCH_OFFLOAD", ""), "auto"),
                           "save_steps": 0, "sample_steps": 0, "save_total_limit": 1, "evaluation_inputs": [],
                           "device": cmd["device"]},
                 "eval": {"enabled": False},
                 "work_dir": str(work / "run"),
             })
             base = _mem_reset(device)
-            with mock.patch.object(loop, "prepare", lambda *a, _p=prepared, **k: _p):
+            prof = _profiler()
+            orig_step = loop.RunLogger.step
+
+            def step_hook(self, step, *a, _orig=orig_step, **k):
+                _orig(self, step, *a, **k)
+                if prof is not None and step == warm:
+                    prof.start()
+                elif prof is not None and step == n_steps:
+                    torch.cuda.synchronize(device) if device.type == "cuda" else None
+                    prof.stop()
+
+            with mock.patch.object(loop, "prepare", lambda *a, _p=prepared, **k: _p), \
+                    mock.patch.object(loop.RunLogger, "step", step_hook):
                 res = loop.train(cfg, log=lambda *a: print("[tunesmith]", *a, flush=True))
             alloc, reserved = _mem_peak(device, base)
             recs = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -392,6 +436,7 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
                 raise RuntimeError(f"metrics.jsonl has {len(recs)} steps, expected {n_steps}")
             seconds = recs[-1]["time"] - recs[warm - 1]["time"]
             tokens = sum(len(r.input_ids) for r in rows[warm * batch:n_steps * batch])
+            _save_profile(prof, f"{cmd['shape']}-{cmd['method']}-{wl}-tunesmith", seconds, steps)
             emit(op="result", workload=wl, tok_s=tokens / seconds, tokens=tokens, seconds=seconds,
                  peak_gib=alloc, peak_reserved_gib=reserved, loss_first=res.losses[0], loss_last=res.losses[-1],
                  losses=res.losses, wall_s=time.perf_counter() - t_start,
@@ -479,11 +524,14 @@ def run_plain(cmd: dict, emit, device, stack: str) -> None:
                 _mem_reset(device)
             opt = torch.optim.AdamW(params, lr=cmd["lr"], weight_decay=0.0, fused=device.type == "cuda")
             losses, t0 = [], time.perf_counter()
+            prof = _profiler()
             for i, (b, _) in enumerate(batches):
                 if i == warm:
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     t0 = time.perf_counter()
+                    if prof is not None:
+                        prof.start()
                 b = {key: v.to(device, non_blocking=True) for key, v in b.items()}
                 with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
                     loss = model(**b).loss
@@ -495,6 +543,9 @@ def run_plain(cmd: dict, emit, device, stack: str) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - t0
+            if prof is not None:
+                prof.stop()
+            _save_profile(prof, f"{cmd['shape']}-{cmd['method']}-{wl}-{stack}", seconds, n_steps - warm)
             tokens = sum(n for _, n in batches[warm:])
             alloc, reserved = _mem_peak(device, base)
             emit(op="result", workload=wl, tok_s=tokens / seconds, tokens=tokens, seconds=seconds,

@@ -208,3 +208,83 @@ def test_training_fast_path_matches_reference_path(tiny_dir, tmp_path):
     assert any("fast paths: linear-ce, lora, rms_norm, swiglu; activations offloaded" in x for x in logs), logs
     for x, y in zip(fast.losses, ref.losses):
         assert abs(x - y) / y < 1e-4, (fast.losses, ref.losses)
+
+
+def _ckpt_lora_model(tiny_dir, method, dropout):
+    from tunesmith.config import LoraCfg
+    from tunesmith.models.load import add_lora, load_model
+
+    torch.manual_seed(0)
+    m = add_lora(load_model(str(tiny_dir), method=method), LoraCfg(r=4, alpha=8, dropout=dropout),
+                 grad_checkpointing=True, offload=True)
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    return m.train()
+
+
+def _ckpt_loss_and_grads(model, ids):
+    from tunesmith.train.loss import causal_lm_loss_sum
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)  # the LoRA dropout masks
+    n = ids.shape[1]
+    batch = {"input_ids": ids, "position_ids": torch.arange(n).repeat(ids.shape[0], 1), "labels": ids}
+    loss, _ = causal_lm_loss_sum(model, batch, None, True)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def test_compiled_layers_match_eager_layers(tiny_dir):
+    """QLoRA with LoRA dropout, two sequence lengths: compiled layer bodies give the eager losses and gradients."""
+    pytest.importorskip("bitsandbytes")
+    from tunesmith import kernels
+    from tunesmith.kernels import compiled
+
+    cpu = torch.device("cpu")
+    ref = _ckpt_lora_model(tiny_dir, "qlora", 0.1)
+    got = _ckpt_lora_model(tiny_dir, "qlora", 0.1)
+    assert kernels.apply(ref, device=cpu, method="qlora", kernels="auto") == ["linear-ce", "lora"]
+    assert kernels.apply(got, device=cpu, method="qlora", kernels="auto", compile_layers=True) == \
+        ["linear-ce", "lora", "compiled-layers"]
+    try:
+        for n in (12, 17):
+            ids = torch.randint(0, 1000, (2, n))
+            compiled.disable()
+            l0, g0 = _ckpt_loss_and_grads(ref, ids)
+            compiled.enable()
+            l1, g1 = _ckpt_loss_and_grads(got, ids)
+            assert compiled.active()  # still compiled: nothing fell back
+            assert torch.allclose(l1, l0, rtol=1e-5), (float(l1), float(l0))
+            assert g0.keys() == g1.keys() and len(g0) == 4 * 7
+            for k in g0:
+                assert torch.allclose(g1[k], g0[k], rtol=1e-4, atol=1e-6), k
+    finally:
+        compiled.disable()
+
+
+def test_compiled_layers_fall_back_to_eager_when_compiling_fails(tiny_dir, monkeypatch):
+    from tunesmith import kernels
+    from tunesmith.kernels import compiled
+
+    cpu = torch.device("cpu")
+    ref = _ckpt_lora_model(tiny_dir, "lora", 0.0)
+    got = copy.deepcopy(ref)
+    kernels.apply(ref, device=cpu, method="lora", kernels="auto")
+    ids = torch.randint(0, 1000, (2, 9))
+    l0, g0 = _ckpt_loss_and_grads(ref, ids)
+
+    def broken(run, *args):
+        raise RuntimeError("no C compiler")
+
+    try:
+        kernels.apply(got, device=cpu, method="lora", kernels="auto", compile_layers=True)
+        monkeypatch.setattr(compiled, "_compiled", broken)
+        with pytest.warns(UserWarning, match="compiled decoder layers turned off"):
+            l1, g1 = _ckpt_loss_and_grads(got, ids)
+        assert not compiled.active()
+        assert torch.allclose(l1, l0)
+        for k in g0:
+            assert torch.allclose(g1[k], g0[k]), k
+    finally:
+        compiled.disable()

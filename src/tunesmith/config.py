@@ -87,6 +87,9 @@ class TrainCfg(_Strict):
     kernels: Literal["auto", "on", "off"] = "auto"
     # keep checkpointed layer inputs in pinned host memory ('auto': on for one CUDA device)
     offload_activations: Literal["auto"] | bool = "auto"
+    # each decoder layer's body compiled by torch.compile, one graph for all layers ('auto': on where activations
+    # are offloaded, i.e. one CUDA device with checkpointing; needs Triton; falls back to eager if compiling fails)
+    compile: Literal["auto"] | bool = "auto"
     # several processes, LoRA: shard the frozen base too (true) or keep it whole on every rank (false; 'auto': when it fits)
     shard_frozen: Literal["auto"] | bool = "auto"
     seed: int = 42

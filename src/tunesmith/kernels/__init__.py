@@ -3,9 +3,11 @@
 - :mod:`.linear_ce`  output projection + cross-entropy with the gradient made in the forward pass (everywhere);
 - :mod:`.lora`       a PEFT LoRA linear layer as one autograd function (bf16/fp32 and NF4 bases; everywhere);
 - :mod:`.fused`      RMSNorm, SwiGLU and rotary embedding compiled into single kernels (CUDA);
-- :mod:`.offload`    activation checkpointing that keeps layer inputs in pinned host memory (CUDA, one device).
+- :mod:`.offload`    activation checkpointing that keeps layer inputs in pinned host memory (CUDA, one device);
+- :mod:`.compiled`   each checkpointed decoder layer's body compiled by torch.compile (CUDA, one device).
 
-``train.kernels: off`` turns the first three off (the reference path); ``train.offload_activations`` the last.
+``train.kernels: off`` turns them all off but offloading (the reference path); ``train.offload_activations`` and
+``train.compile`` the last two.
 """
 
 from __future__ import annotations
@@ -34,8 +36,15 @@ def restore_forwards(model: torch.nn.Module) -> None:
             delattr(m, ORIG)
 
 
-def apply(model, *, device: torch.device, method: str, kernels: str) -> list[str]:
-    """Patch `model` in place with the fast paths `kernels` ('auto' | 'on' | 'off') allows; returns their names."""
+def apply(model, *, device: torch.device, method: str, kernels: str, compile_layers: bool = False) -> list[str]:
+    """Patch `model` in place with the fast paths `kernels` ('auto' | 'on' | 'off') allows; returns their names.
+
+    `compile_layers` (see :func:`use_compile`): each decoder layer's body runs through torch.compile
+    (:mod:`.compiled`); Inductor then fuses the norms, SwiGLU and RoPE itself, so those are not patched.
+    """
+    from . import compiled
+
+    compiled.disable()
     if kernels == "off":
         return []
     used = ["linear-ce"]
@@ -44,7 +53,13 @@ def apply(model, *, device: torch.device, method: str, kernels: str) -> list[str
 
         if patch_lora(model):
             used.append("lora")
-    if device.type == "cuda" or kernels == "on":
+    if compile_layers:
+        from .fused import unpatch_rope
+
+        unpatch_rope()  # a process-wide swap an earlier run may have made
+        compiled.enable()
+        used.append("compiled-layers")
+    elif device.type == "cuda" or kernels == "on":
         from .fused import patch_fused
 
         c = patch_fused(model, rope=device.type == "cuda")
@@ -59,3 +74,14 @@ def use_offload(setting, device: torch.device, world: int, grad_checkpointing: b
     if setting == "auto":
         return device.type == "cuda"
     return bool(setting)
+
+
+def use_compile(setting, device: torch.device, offload: bool, kernels: str) -> bool:
+    """Compiled decoder layers: they hook into tunesmith's checkpoint function, so only where it runs (`offload`)."""
+    if kernels == "off" or not offload or setting is False:
+        return False
+    if setting == "auto":
+        from .compiled import available
+
+        return available(device)
+    return True

@@ -58,6 +58,7 @@ class _Stash:
 class _State:
     stream = None
     last: "_Stash | None" = None
+    call = None  # set by kernels.compiled: runs each layer's body through torch.compile
 
 
 _state = _State()
@@ -85,29 +86,48 @@ class _OffloadCheckpoint(torch.autograd.Function):
         _state.last = ctx.stash
         ctx.rest = rest
         with torch.no_grad():
-            out = run(x, *rest)
+            out = _call(run, x, *rest)
         ctx.tuple_out = isinstance(out, tuple)
         return out
 
     @staticmethod
     def backward(ctx, *grads):
-        x = ctx.stash.fetch().detach().requires_grad_(True)
+        x0 = ctx.stash.fetch().detach()
         if ctx.prev is not None:
             ctx.prev.prefetch()
-        devs = [torch.device(ctx.dev)] if ctx.cuda_rng is not None else []
-        with torch.random.fork_rng(devices=devs, device_type=ctx.dev if ctx.dev != "cpu" else "cuda"):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, devs[0])
-            with torch.enable_grad(), torch.autocast(ctx.dev, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
-                out = ctx.run(x, *ctx.rest)
-        outs = out if ctx.tuple_out else (out,)
-        pairs = [(o, g) for o, g in zip(outs, grads)
-                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
-        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        try:
+            gx = _replay(ctx, x0, grads, _state.call)
+        except Exception as e:
+            if _state.call is None:
+                raise
+            from . import compiled  # the compiled layer failed in its backward pass: once more, eagerly
+
+            compiled.disable(f"{type(e).__name__}: {str(e)[:300]}")
+            gx = _replay(ctx, x0, grads, None)
         n_rest = len(ctx.rest)
         ctx.stash = ctx.prev = ctx.run = ctx.rest = None
-        return (None, x.grad) + (None,) * n_rest
+        return (None, gx) + (None,) * n_rest
+
+
+def _replay(ctx, x0, grads, call):
+    """Recompute the layer from its saved input (RNG and autocast as in the forward pass) and backpropagate."""
+    x = x0.detach().requires_grad_(True)
+    devs = [torch.device(ctx.dev)] if ctx.cuda_rng is not None else []
+    with torch.random.fork_rng(devices=devs, device_type=ctx.dev if ctx.dev != "cpu" else "cuda"):
+        torch.set_rng_state(ctx.cpu_rng)
+        if ctx.cuda_rng is not None:
+            torch.cuda.set_rng_state(ctx.cuda_rng, devs[0])
+        with torch.enable_grad(), torch.autocast(ctx.dev, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
+            out = ctx.run(x, *ctx.rest) if call is None else call(ctx.run, x, *ctx.rest)
+    outs = out if ctx.tuple_out else (out,)
+    pairs = [(o, g) for o, g in zip(outs, grads)
+             if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    return x.grad
+
+
+def _call(run, *args):
+    return run(*args) if _state.call is None else _state.call(run, *args)
 
 
 def offload_checkpoint(fn, x, *rest):

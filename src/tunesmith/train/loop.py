@@ -171,7 +171,11 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
             from safetensors.torch import load_file
 
             set_peft_model_state_dict(model, load_file(str(resume_dir / "adapter_model.safetensors")))
-    fast = kernels.apply(model, device=device, method=cfg.method, kernels=tc.kernels)
+    compile_layers = kernels.use_compile(tc.compile, device, offload, tc.kernels)
+    if tc.compile is True and not compile_layers:
+        log("train.compile ignored: it needs train.kernels on/auto and checkpointed, offloaded layers "
+            "(grad_checkpointing with offload_activations, one process)")
+    fast = kernels.apply(model, device=device, method=cfg.method, kernels=tc.kernels, compile_layers=compile_layers)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     frozen_line = distributed.describe_frozen(dist, model)

@@ -1,0 +1,73 @@
+"""Each decoder layer's body compiled by ``torch.compile`` (Inductor), one graph shared by all layers.
+
+Profiling the single-GPU runs (bench/RESULTS.md) showed the step bound by the CPU, not the GPU: a 24-layer
+0.5B–1.8B model issues 20,000+ small PyTorch operations a step (LoRA's casts and matmuls, NF4 dequantisation
+calls, norms, rotary embedding, residual adds), each a Python call and a kernel launch, and the GPU waits on
+them. Compiling the whole layer turns that into one graph per pass (forward, recompute, backward): Inductor
+fuses the elementwise work into a few Triton kernels, and the matmuls, NF4 dequantisation (bitsandbytes' own
+ops) and attention run as the same library kernels as before, called from generated code.
+
+How it plugs in: the layers already run through tunesmith's checkpoint function (:mod:`.offload`), which calls
+each layer's body twice (forward without gradients, then the recompute in the backward pass). That call goes
+through :func:`layer_call` here, so the checkpoint's RNG/autocast replay and host offload stay outside the
+compiled graph and the graph holds exactly one layer. The LoRA function (:mod:`.lora`) is traced into it,
+backward pass included; random ops follow eager PyTorch's generator (``fallback_random``), so LoRA dropout draws
+the same mask in the forward pass and the recompute.
+
+Reference: the same layers run eagerly (``tests/test_kernels.py`` compares losses and every gradient). If
+compiling or running the graph fails (no working Triton toolchain, an unsupported layer), training warns once
+and goes on eagerly.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import offload
+
+_compiled = None
+
+
+def _body(run, *args):
+    return run(*args)
+
+
+def _guarded(run, *args):
+    try:
+        return _compiled(run, *args)
+    except Exception as e:  # noqa: BLE001 — a compiler failure must not end the run
+        disable(f"{type(e).__name__}: {str(e)[:300]}")
+        return run(*args)
+
+
+def enable() -> None:
+    """Route every checkpointed layer call through the compiled body (process-wide)."""
+    global _compiled
+    import torch._dynamo.config as dcfg
+    import torch._inductor.config as icfg
+
+    icfg.fallback_random = True  # dropout in the graph draws from PyTorch's generator: replayable
+    # one graph per (grad mode, mask kind); every layer reuses it — leave room for a few variants
+    dcfg.recompile_limit = max(getattr(dcfg, "recompile_limit", 8), 32)
+    if _compiled is None:
+        _compiled = torch.compile(_body, dynamic=True)
+    offload._state.call = _guarded
+
+
+def disable(reason: str | None = None) -> None:
+    if reason is not None and offload._state.call is not None:
+        warnings.warn(f"tunesmith: compiled decoder layers turned off ({reason}); training goes on eagerly")
+    offload._state.call = None
+
+
+def active() -> bool:
+    return offload._state.call is _guarded
+
+
+def available(device: torch.device) -> bool:
+    """A CUDA device with Triton (Inductor's GPU code generator); on the CPU only when asked for."""
+    import importlib.util
+
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
