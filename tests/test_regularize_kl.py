@@ -143,4 +143,10 @@ def test_kl_with_full_fine_tune_is_a_clear_error(tmp_path):
         load_config(str(p))
     with pytest.raises(UserError, match="kl"):
         load_config(str(p), ["method=lora", "data.regularize.kl=maybe"])
-    load_config(str(p), ["method=lora"])
+    assert load_config(str(p), ["method=lora"]).use_kl()
+    # auto (the default): on where there is an adapter to switch off, off for a full fine-tune
+    p.write_text("model: {name: x}\nmethod: full\ndata: {persona: {name: A, author: B}, regularize: {ratio: 0.5}}\n")
+    assert load_config(str(p)).data.regularize.kl == "auto"
+    assert not load_config(str(p)).use_kl()
+    assert load_config(str(p), ["method=qlora"]).use_kl()
+    assert not load_config(str(p), ["method=qlora", "data.regularize.kl=false"]).use_kl()

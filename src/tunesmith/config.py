@@ -54,8 +54,16 @@ class RegularizeCfg(_Strict):
     ratio: float = Field(0.0, ge=0.0)
     max_new_tokens: int = Field(128, ge=1)
     # train those answers towards the base model's whole next-token distribution (forward KL, the base being the
-    # model with its LoRA adapter switched off) instead of by cross-entropy on the one sampled answer
-    kl: bool = False
+    # model with its LoRA adapter switched off) instead of by cross-entropy on the one sampled answer;
+    # auto: on for lora / qlora, off for a full fine-tune (which has no adapter to switch off)
+    kl: bool | Literal["auto"] = "auto"
+
+    @field_validator("kl", mode="before")
+    @classmethod
+    def _kl_value(cls, v):
+        if isinstance(v, bool) or v == "auto":
+            return v
+        raise ValueError("must be true, false or auto")
 
 
 class DataCfg(_Strict):
@@ -124,9 +132,14 @@ class Config(_Strict):
     eval: EvalCfg = EvalCfg()
     work_dir: str = "work_dirs/run"
 
+    def use_kl(self) -> bool:
+        """Whether self-distillation samples are trained by KL to the base model (`data.regularize.kl`)."""
+        kl = self.data.regularize.kl
+        return self.method != "full" if kl == "auto" else kl
+
     @model_validator(mode="after")
     def _kl_needs_adapter(self) -> "Config":
-        if self.data.regularize.kl and self.method == "full":
+        if self.data.regularize.kl is True and self.method == "full":
             raise ValueError("data.regularize.kl needs the base model beside the trained one: use method lora or "
                              "qlora, or set data.regularize.kl=false for a full fine-tune")
         return self
@@ -171,7 +184,9 @@ def _explain(err: ValidationError, source: str) -> str:
             lines.append(f"  missing key '{key}'")
         else:
             where = f"'{key}'" if key else "config"
-            lines.append(f"  {where}: {e['msg']} (got {e.get('input')!r})")
+            got = e.get("input")
+            got = "" if isinstance(got, dict) else f" (got {got!r})"  # a whole section is no help to print
+            lines.append(f"  {where}: {e['msg']}{got}")
     return "\n".join(lines)
 
 

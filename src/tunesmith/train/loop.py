@@ -155,7 +155,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         distilled = cached_self_distill(work / f"regularize-{key[:12]}.jsonl", model, tokenizer, reg, langs, n_reg,
                                         system, tc.seed, dist.is_main, log)
         convs += distilled
-        n_kl = len(distilled) if reg.kl else 0
+        n_kl = len(distilled) if cfg.use_kl() else 0
     offload = kernels.use_offload(tc.offload_activations, device, dist.world, tc.grad_checkpointing)
     if tc.offload_activations is True and not offload:
         log("train.offload_activations ignored: it needs grad_checkpointing and one process")
