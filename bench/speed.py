@@ -410,6 +410,7 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
                 "train": {"max_steps": n_steps, "batch_size": batch, "grad_accum": 1, "lr": cmd["lr"],
                           "warmup_ratio": 0.0, "max_grad_norm": 1.0, "grad_checkpointing": True, "seed": seed,
                           "offload_activations": {"1": True, "0": False}.get(os.environ.get("TS_BENCH_OFFLOAD", ""), "auto"),
+                          "compile": {"1": True, "0": False}.get(os.environ.get("TS_BENCH_COMPILE", ""), "auto"),
                           "save_steps": 0, "sample_steps": 0, "save_total_limit": 1, "evaluation_inputs": [],
                           "device": cmd["device"]},
                 "eval": {"enabled": False},
@@ -419,8 +420,19 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
             prof = _profiler()
             orig_step = loop.RunLogger.step
 
+            step_peaks: list[float] = []  # GiB allocated at most during each step (where each step's peak lies)
+            trace = os.environ.get("TS_BENCH_MEMTRACE") if device.type == "cuda" else None
+            if trace:
+                torch.cuda.memory._record_memory_history(max_entries=250000)
+
             def step_hook(self, step, *a, _orig=orig_step, **k):
                 _orig(self, step, *a, **k)
+                if device.type == "cuda" and os.environ.get("TS_BENCH_STEPPEAKS"):  # diagnosis only: resets the peak
+                    step_peaks.append(round(torch.cuda.max_memory_allocated(device) / 2**30, 3))
+                    torch.cuda.reset_peak_memory_stats(device)
+                if trace and step == 2:  # model load and the first two steps (compiling included)
+                    torch.cuda.memory._dump_snapshot(f"{trace}-{cmd['shape']}-{cmd['method']}-{wl}.pickle")
+                    torch.cuda.memory._record_memory_history(enabled=None)
                 if prof is not None and step == warm:
                     prof.start()
                 elif prof is not None and step == n_steps:
@@ -431,6 +443,9 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
                     mock.patch.object(loop.RunLogger, "step", step_hook):
                 res = loop.train(cfg, log=lambda *a: print("[tunesmith]", *a, flush=True))
             alloc, reserved = _mem_peak(device, base)
+            if step_peaks:
+                alloc = max(alloc or 0.0, *step_peaks)  # the per-step resets above hide earlier peaks from _mem_peak
+                print(f"[tunesmith] peak GiB by step: {step_peaks}", flush=True)
             recs = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines() if x.strip()]
             if len(recs) != n_steps:
                 raise RuntimeError(f"metrics.jsonl has {len(recs)} steps, expected {n_steps}")

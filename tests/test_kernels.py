@@ -253,14 +253,44 @@ def test_compiled_layers_match_eager_layers(tiny_dir):
             compiled.disable()
             l0, g0 = _ckpt_loss_and_grads(ref, ids)
             compiled.enable()
+            before = compiled.stats["compiled"]
             l1, g1 = _ckpt_loss_and_grads(got, ids)
             assert compiled.active()  # still compiled: nothing fell back
+            assert compiled.stats["compiled"] == before + 2 * 2  # two layers, forward and recompute
             assert torch.allclose(l1, l0, rtol=1e-5), (float(l1), float(l0))
             assert g0.keys() == g1.keys() and len(g0) == 4 * 7
             for k in g0:
                 assert torch.allclose(g1[k], g0[k], rtol=1e-4, atol=1e-6), k
     finally:
         compiled.disable()
+
+
+def test_compiled_layers_leave_masked_batches_to_eager_mode(tiny_dir):
+    """Packed rows (position ids restart inside a row) carry an attention mask: those layer calls run eagerly."""
+    from tunesmith import kernels
+    from tunesmith.kernels import compiled
+
+    cpu = torch.device("cpu")
+    m = _ckpt_lora_model(tiny_dir, "lora", 0.0)
+    kernels.apply(m, device=cpu, method="lora", kernels="auto", compile_layers=True)
+    ids = torch.randint(0, 1000, (2, 10))
+    pos = torch.cat([torch.arange(4), torch.arange(6)]).repeat(2, 1)  # two samples a row
+    try:
+        before = dict(compiled.stats)
+        loss, _ = _packed_loss(m, ids, pos)
+        assert compiled.stats["compiled"] == before["compiled"]
+        assert compiled.stats["eager"] > before["eager"]
+        compiled.disable()
+        ref, _ = _packed_loss(m, ids, pos)
+        assert torch.allclose(loss, ref)
+    finally:
+        compiled.disable()
+
+
+def _packed_loss(model, ids, pos):
+    from tunesmith.train.loss import causal_lm_loss_sum
+
+    return causal_lm_loss_sum(model, {"input_ids": ids, "position_ids": pos, "labels": ids}, None, True)
 
 
 def test_compiled_layers_fall_back_to_eager_when_compiling_fails(tiny_dir, monkeypatch):

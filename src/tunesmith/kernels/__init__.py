@@ -40,7 +40,8 @@ def apply(model, *, device: torch.device, method: str, kernels: str, compile_lay
     """Patch `model` in place with the fast paths `kernels` ('auto' | 'on' | 'off') allows; returns their names.
 
     `compile_layers` (see :func:`use_compile`): each decoder layer's body runs through torch.compile
-    (:mod:`.compiled`); Inductor then fuses the norms, SwiGLU and RoPE itself, so those are not patched.
+    (:mod:`.compiled`), which traces the plain versions of the fused norms, SwiGLU and RoPE and fuses them itself;
+    batches it leaves to eager mode use the fused kernels.
     """
     from . import compiled
 
@@ -54,12 +55,9 @@ def apply(model, *, device: torch.device, method: str, kernels: str, compile_lay
         if patch_lora(model):
             used.append("lora")
     if compile_layers:
-        from .fused import unpatch_rope
-
-        unpatch_rope()  # a process-wide swap an earlier run may have made
         compiled.enable()
         used.append("compiled-layers")
-    elif device.type == "cuda" or kernels == "on":
+    if device.type == "cuda" or kernels == "on":
         from .fused import patch_fused
 
         c = patch_fused(model, rope=device.type == "cuda")

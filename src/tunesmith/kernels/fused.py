@@ -38,9 +38,10 @@ def _can_compile() -> bool:
 
 
 def _fn(name: str, ref, device: torch.device):
-    """`ref` compiled for CUDA (once per function), or `ref` itself: on the CPU, without Triton, or when
-    compiling fails (a warning says so and training goes on eagerly)."""
-    if device.type != "cuda":
+    """`ref` compiled for CUDA (once per function), or `ref` itself: on the CPU, without Triton, when
+    compiling fails (a warning says so and training goes on eagerly), or inside a graph torch.compile is
+    tracing (the compiled decoder layers of :mod:`.compiled`, which fuse it with their own code)."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
         return ref
     if name not in _compiled:
         if not _can_compile():

@@ -67,13 +67,14 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int | None 
     n_kl = 0 if kl_keep is None else int(kl_keep.sum())
     if n + n_kl == 0:
         return hidden.sum() * 0.0, 0
+    asked = chunk  # None: each path's own default (the fused one keeps chunks small: see linear_ce.default_chunk)
     if chunk is None:
         chunk = _default_chunk(head.weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)
     if n and fused:
         from ..kernels.linear_ce import linear_cross_entropy
 
-        total = total + linear_cross_entropy(h, head.weight, t, chunk)
+        total = total + linear_cross_entropy(h, head.weight, t, asked)
     elif n:
         for i in range(0, n, chunk):
             hi, ti = h[i:i + chunk], t[i:i + chunk]
@@ -84,8 +85,11 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int | None 
     if n_kl:
         hk = hidden[:, :-1][kl_keep]
         bk = base_hidden_states(model, batch)[:, :-1][kl_keep].to(hk.dtype)
-        for i in range(0, n_kl, chunk):
-            hi, bi = hk[i:i + chunk], bk[i:i + chunk]
+        from ..kernels.linear_ce import default_chunk
+
+        kc = asked or default_chunk(head.weight.shape[0])  # two fp32 logit blocks a chunk: keep them small
+        for i in range(0, n_kl, kc):
+            hi, bi = hk[i:i + kc], bk[i:i + kc]
             if torch.is_grad_enabled():
                 total = total + checkpoint(_chunk_kl, hi, bi, head.weight, use_reentrant=False)
             else:
