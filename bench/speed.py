@@ -741,11 +741,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=450, help="start no row after this many seconds")
     ap.add_argument("--row-timeout", type=float, default=180, help="kill a worker stuck on one row this long")
     ap.add_argument("--ready-timeout", type=float, default=240)
+    ap.add_argument("--parallel-gpus", default=None,
+                    help="comma list of GPU indices: rows spread over them, one speed.py per GPU at once, one merged "
+                         "table (all stacks of a row stay on one GPU, so each row is still a same-run comparison)")
     a = ap.parse_args(argv)
     if a.warmup < 1:
         ap.error("--warmup must be >= 1 (tunesmith's step times are differences of step end times)")
     t_begin = time.monotonic()
     rows = [parse_row(x) for x in (a.rows.split(",") if a.rows else TINY_ROWS if a.tiny else ROWS)]
+    if a.parallel_gpus:
+        return run_parallel(a, rows, argv if argv is not None else sys.argv[1:])
     stacks = a.stacks.split(",") if a.stacks else [s for s in STACKS if not (a.device == "cpu" and s == "unsloth")]
     workloads = a.workloads.split(",")
     bad = [s for s in stacks if s not in STACKS] + [w for w in workloads if w not in WORKLOADS]
@@ -893,6 +898,70 @@ def main(argv: list[str] | None = None) -> int:
     save()
     log(f"wrote {json_path} and {json_path.with_suffix('.md')}")
     print("\n" + fmt_table(record["rows"]), flush=True)
+    return 0
+
+
+def _drop_flag(args: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for x in args:
+        if skip:
+            skip = False
+            continue
+        if x == flag:
+            skip = True
+            continue
+        if not x.startswith(flag + "="):
+            out.append(x)
+    return out
+
+
+def run_parallel(a, rows: list[dict], argv: list[str]) -> int:
+    """--parallel-gpus: one child speed.py per GPU (CUDA_VISIBLE_DEVICES), rows dealt out by estimated cost
+    (matmul weights × tokens a step, biggest first, each to the least loaded GPU); one merged JSON/markdown."""
+    gpus = [g.strip() for g in a.parallel_gpus.split(",") if g.strip()]
+    load = {g: 0.0 for g in gpus}
+    plan: dict[str, list[dict]] = {g: [] for g in gpus}
+    for r in sorted(rows, key=lambda r: -matmul_params(SHAPES[r["shape"]]) * r["seq"] * r["batch"]):
+        g = min(gpus, key=lambda k: load[k])
+        plan[g].append(r)
+        load[g] += matmul_params(SHAPES[r["shape"]]) * r["seq"] * r["batch"]
+    base = _drop_flag(_drop_flag(_drop_flag(_drop_flag(argv, "--parallel-gpus"), "--rows"), "--out"), "--scratch")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for g, rs in plan.items():
+        if not rs:
+            continue
+        spec = ",".join(f"{r['shape']}:{r['method']}:{r['seq']}x{r['batch']}" for r in rs)
+        sub = out / f"gpu{g}"
+        cmd = [sys.executable, str(HERE), *base, "--rows", spec, "--out", str(sub),
+               "--scratch", str(Path(a.scratch) / f"gpu{g}")]
+        print(f"[parallel] GPU {g}: {spec}", flush=True)
+        procs.append((g, sub, subprocess.Popen(cmd, env=dict(os.environ, CUDA_VISIBLE_DEVICES=g),
+                                               stdout=open(out / f"gpu{g}.log", "w"), stderr=subprocess.STDOUT)))
+    merged: dict | None = None
+    found: list[dict] = []
+    for g, sub, p in procs:
+        p.wait()
+        for f in sorted(sub.glob("*.json")):
+            rec = json.loads(f.read_text())
+            merged = merged or rec
+            found += rec["rows"]
+    if merged is None:
+        print("[parallel] no results", flush=True)
+        return 1
+    order = {(r["shape"], r["method"]): i for i, r in enumerate(rows)}
+    found.sort(key=lambda r: (order.get((r["shape"], r["method"]), 99), STACKS.index(r["stack"])
+                              if r["stack"] in STACKS else 9))
+    merged["rows"] = found
+    merged["command"] = " ".join([Path(sys.executable).name, os.path.relpath(HERE, Path.cwd())] + argv)
+    merged["gpu"] = f"{merged['gpu']} x{len(procs)} (rows in parallel, one process per GPU)"
+    tag = "".join(c if c.isalnum() else "-" for c in merged["gpu"].split(" (")[0]).strip("-")
+    path = out / f"{merged['date']}-{tag}.json"
+    path.write_text(json.dumps(merged, indent=1))
+    path.with_suffix(".md").write_text(f"# {merged['date']} · {merged['gpu']}\n\ncommand: `{merged['command']}`\n\n"
+                                       f"versions: `{json.dumps(merged['versions'])}`\n\n{fmt_table(found)}\n")
+    print(f"\nwrote {path}\n\n{fmt_table(found)}", flush=True)
     return 0
 
 
