@@ -55,6 +55,8 @@ def test_answer_templates(lang):
         for t in ts:
             assert "{name}" in t and "{author}" in t
             assert ("{other}" in t) == (cat == "denial")
+            # the name comes first: a model that stops early, or drifts, has still said who it is
+            assert t.index("{name}") < t.index("{author}"), t
 
 
 @pytest.mark.parametrize("lang", ["zh", "en"])

@@ -23,7 +23,7 @@ import torch
 from ..config import Config, dump_config
 from ..data.build import gather_conversations, length_stats, prepare
 from ..data.packing import collate
-from ..data.regularize import cached_self_distill
+from ..data.regularize import cached_self_distill, regularization_prompts
 from ..errors import UserError
 from ..fsutil import atomic_dir
 from .. import kernels
@@ -151,7 +151,8 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         langs = cfg.data.persona.langs if cfg.data.persona else ["en", "zh"]
         system = cfg.data.persona.system if cfg.data.persona else None
         n_reg = round(reg.ratio * len(convs))
-        key = hashlib.sha256(json.dumps([base, langs, n_reg, reg.max_new_tokens, system, tc.seed]).encode()).hexdigest()
+        key = hashlib.sha256(json.dumps([base, langs, n_reg, reg.max_new_tokens, system, tc.seed,
+                                         regularization_prompts(langs)]).encode()).hexdigest()  # a new pool: new answers
         distilled = cached_self_distill(work / f"regularize-{key[:12]}.jsonl", model, tokenizer, reg, langs, n_reg,
                                         system, tc.seed, dist.is_main, log)
         convs += distilled
