@@ -64,13 +64,14 @@ def test_linear_ce_without_grad_gives_the_value():
     assert torch.allclose(out, F.cross_entropy(h @ w.t(), t, reduction="sum"), atol=1e-4)
 
 
-def _lora_model(tiny_dir, method="lora"):
+def _lora_model(tiny_dir, method="lora", dropout=0.0, offloaded_checkpointing=False):
     from tunesmith.config import LoraCfg
     from tunesmith.models.load import add_lora, load_model
 
     torch.manual_seed(0)
     m = load_model(str(tiny_dir), method=method)
-    m = add_lora(m, LoraCfg(r=4, alpha=8, dropout=0.0), grad_checkpointing=False)
+    m = add_lora(m, LoraCfg(r=4, alpha=8, dropout=dropout), grad_checkpointing=offloaded_checkpointing,
+                 offload=offloaded_checkpointing)
     for n, p in m.named_parameters():  # B starts at zero: make the update non-trivial
         if "lora_B" in n:
             p.data.normal_(0, 0.1)
@@ -211,16 +212,7 @@ def test_training_fast_path_matches_reference_path(tiny_dir, tmp_path):
 
 
 def _ckpt_lora_model(tiny_dir, method, dropout):
-    from tunesmith.config import LoraCfg
-    from tunesmith.models.load import add_lora, load_model
-
-    torch.manual_seed(0)
-    m = add_lora(load_model(str(tiny_dir), method=method), LoraCfg(r=4, alpha=8, dropout=dropout),
-                 grad_checkpointing=True, offload=True)
-    for n, p in m.named_parameters():
-        if "lora_B" in n:
-            p.data.normal_(0, 0.1)
-    return m.train()
+    return _lora_model(tiny_dir, method, dropout, offloaded_checkpointing=True)
 
 
 def _ckpt_loss_and_grads(model, ids):
