@@ -12,7 +12,7 @@ compiled graphs serve the mask-free ones (see `_guarded`).
 
 How it plugs in: the layers already run through tunesmith's checkpoint function (:mod:`.offload`), which calls
 each layer's body twice (forward without gradients, then the recompute in the backward pass). That call goes
-through :func:`layer_call` here, so the checkpoint's RNG/autocast replay and host offload stay outside the
+through `_guarded` here (set as `offload._state.call`), so the checkpoint's RNG/autocast replay and host offload stay outside the
 compiled graph and the graph holds exactly one layer. The LoRA function (:mod:`.lora`) is traced into it,
 backward pass included; random ops follow eager PyTorch's generator (``fallback_random``), so LoRA dropout draws
 the same mask in the forward pass and the recompute.
@@ -37,7 +37,7 @@ def _body(run, *args):
     return run(*args)
 
 
-stats = {"compiled": 0, "eager": 0}  # layer calls, for the log and tests
+stats = {"compiled": 0, "eager": 0}  # layer calls by path (tests read it)
 
 
 def _has_mask(run, args) -> bool:
