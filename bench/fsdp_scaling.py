@@ -12,10 +12,13 @@ Nothing is downloaded: the models are random weights of real shapes with a throw
        shards it exactly as it does a loaded model (frozen base sharded too, whatever --shard-frozen says:
        no rank but 0 holds it). Needs ~150 GB of host memory on rank 0.
 
-Every run checkpoints its layers without host offload (train.offload_activations false: the 1-GPU default would
-offload, the N-GPU runs cannot), so 1 and N GPUs do the same work per token. --shard-frozen sets
-train.shard_frozen (LoRA on several GPUs: 'auto' keeps the frozen base whole on every GPU when it fits in 40 %
-of one, 'true' shards it, 'false' replicates it).
+Every run uses tunesmith's defaults (--offload auto): one GPU checkpoints with host offload and compiled layers,
+and so do N GPUs whenever the run is data parallel (LoRA with the frozen base whole on every GPU, QLoRA), so the
+1-GPU baseline is tunesmith's fastest single-GPU path. FSDP-sharded runs (a sharded base, full fine-tunes) use
+the layers' own checkpointing. `--offload false` turns offload (and with it compiled layers) off everywhere, the
+setting of the earlier FSDP-only runs. --shard-frozen sets train.shard_frozen (several GPUs: 'auto' keeps a LoRA
+run's frozen base whole on every GPU when it fits in 40 % of one and trains data parallel, as QLoRA does;
+'true' shards the frozen weights with FSDP2 (QLoRA: all but the NF4 ones), 'false' replicates them).
 
 Each run trains --steps steps; tokens/s is the median of the steps after the first --skip (metrics.jsonl of
 the run: real tokens of the global step over its wall time). Scaling efficiency = tokens/s per GPU over the
@@ -82,7 +85,7 @@ class Row:
     step_s: float | None = None
     final_loss: float | None = None
     wall_s: float | None = None
-    frozen_base: str = ""  # several GPUs, LoRA: "replicated" / "sharded" (the run's log line)
+    frozen_base: str = ""  # several GPUs: "replicated, data parallel" / "sharded, FSDP2" (from the run's log line)
     command: str = ""
     error: str = field(default="", repr=False)
 
@@ -187,7 +190,7 @@ def train_config(folder: Path, method: str, work: Path, a) -> dict:
                  "max_length": a.seq, "pack": True},
         "train": {"max_steps": a.steps, "batch_size": a.batch_size, "grad_accum": a.grad_accum, "lr": 1e-4,
                   "warmup_ratio": 0.0, "save_steps": 0, "sample_steps": 0, "evaluation_inputs": [],
-                  "grad_checkpointing": True, "offload_activations": False, "shard_frozen": a.shard_frozen,
+                  "grad_checkpointing": True, "offload_activations": a.offload, "shard_frozen": a.shard_frozen,
                   "device": a.device},
         "work_dir": str(work),
     }
@@ -248,7 +251,9 @@ def run_one(key: str, method: str, gpus: int, a, log) -> Row:
     row.final_loss = recs[-1]["loss"]
     for line in (work / "log.txt").read_text(errors="replace").splitlines():
         if "frozen base: " in line:
-            row.frozen_base = line.split("frozen base: ", 1)[1].split()[0]
+            said = line.split("frozen base: ", 1)[1]
+            row.frozen_base = ("replicated, data parallel" if "data parallel" in said else
+                               "sharded, FSDP2" if "sharded" in said else said.split()[0])
     log(f"  {row.tokens_per_s_per_gpu:,.0f} tok/s per GPU ({row.tokens_per_s:,.0f} total), {row.wall_s}s")
     return row
 
@@ -316,8 +321,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--timeout", type=int, default=420, help="seconds per run")
     ap.add_argument("--shard-frozen", default="auto", choices=["auto", "true", "false"],
                     help="train.shard_frozen of the LoRA runs (72b: always sharded)")
+    ap.add_argument("--offload", default="auto", choices=["auto", "false"],
+                    help="train.offload_activations of every run (false: also no compiled layers)")
     ap.add_argument("--out", default="bench/results/fsdp_scaling")
     a = ap.parse_args(argv)
+    a.offload = {"auto": "auto", "false": False}[a.offload]
     a.shard_frozen = {"auto": "auto", "true": True, "false": False}[a.shard_frozen]
     if a.tiny and a.seq == 2048:
         a.seq, a.samples = 256, 200

@@ -101,10 +101,15 @@ def two_procs(tmp_path_factory, tiny_dir, tiny64_dir):
     jobs = _jobs(tiny_dir, tiny64_dir, root, grad_accum=1)
     lora = jobs.pop("lora")[0]
     for name, shard_frozen in LORA_JOBS.items():
-        jobs[name] = ({**lora, "work_dir": str(root / name), "train": {**lora["train"], "shard_frozen": shard_frozen}},
-                      None)
+        # replicated: data parallel, where tunesmith's own (offloading) checkpoint function can run
+        extra = {"offload_activations": True} if shard_frozen is False else {}
+        jobs[name] = ({**lora, "work_dir": str(root / name),
+                       "train": {**lora["train"], "shard_frozen": shard_frozen, **extra}}, None)
         resume = make_cfg(tiny_dir, root / f"{name}_resumed", grad_accum=1, shard_frozen=shard_frozen)
         jobs[f"{name}_resumed"] = (resume, str(root / name / "checkpoints" / "step-000003"))
+    q = jobs["qlora"][0]  # QLoRA's default is data parallel; shard_frozen: true shards all but the NF4 weights
+    jobs["qlora_sharded"] = ({**q, "work_dir": str(root / "qlora_sharded"), "train": {**q["train"], "shard_frozen": True}},
+                             None)
     spec = root / "jobs.json"
     spec.write_text(json.dumps({"jobs": jobs, "out": str(root / "results.json")}))
     launch(torchrun(str(HERE), str(spec)), root / "torchrun.log")
@@ -184,9 +189,43 @@ def test_full_two_procs_match_one(two_procs, one_proc):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
 
-def test_qlora_two_procs_match_one(two_procs, one_proc):
+@pytest.mark.parametrize("name,line", [
+    ("qlora", "frozen base: NF4 model whole on every rank; data parallel (LoRA gradients all-reduced)"),
+    ("qlora_sharded", "frozen base: NF4 weights whole on every rank, the rest sharded (FSDP2)")])
+def test_qlora_two_procs_match_one(two_procs, one_proc, name, line):
     two, one = two_procs[1], one_proc[1]
-    assert two["qlora"]["losses"] == pytest.approx(one["qlora"]["losses"], rel=1e-5, abs=1e-6)
+    assert two[name]["frozen"] == [line]
+    assert two[name]["losses"] == pytest.approx(one["qlora"]["losses"], rel=1e-5, abs=1e-6)
+
+
+def test_data_parallel_sync_grads_sums_in_buckets(monkeypatch):
+    """Gradients are summed bucket by bucket, dtype by dtype, in place; a missing gradient counts as zeros."""
+    import torch.distributed as tdist
+
+    from tunesmith.train import distributed as D
+
+    calls = []
+
+    def fake_all_reduce(t):  # two ranks holding the same gradients: the sum is twice each
+        calls.append((t.dtype, t.numel()))
+        t.mul_(2)
+
+    monkeypatch.setattr(tdist, "all_reduce", fake_all_reduce)
+    monkeypatch.setattr(D, "BUCKET", 10)
+    ps = [torch.nn.Parameter(torch.full((2, 3), float(i + 1))) for i in range(3)]
+    ps.append(torch.nn.Parameter(torch.ones(4, dtype=torch.float64)))
+    ps.append(torch.nn.Parameter(torch.ones(5)))  # no gradient on this rank
+    for p in ps[:4]:
+        p.grad = p.detach().clone()
+    d = D.Dist(rank=0, world=2, data_parallel=True)
+    D.sync_grads(d, ps)
+    assert calls == [(torch.float32, 6)] * 3 + [(torch.float32, 5), (torch.float64, 4)]
+    for i in range(3):
+        assert torch.equal(ps[i].grad, torch.full((2, 3), 2.0 * (i + 1)))
+    assert torch.equal(ps[3].grad, torch.full((4,), 2.0, dtype=torch.float64))
+    assert torch.equal(ps[4].grad, torch.zeros(5))
+    D.sync_grads(D.Dist(rank=0, world=2, data_parallel=False), ps)  # FSDP runs: nothing here
+    assert len(calls) == 5
 
 
 def test_shard_frozen_choice():

@@ -98,7 +98,8 @@ class TrainCfg(_Strict):
     # each decoder layer's body compiled by torch.compile, one graph for all layers ('auto': on where activations
     # are offloaded, i.e. one CUDA device with checkpointing; needs Triton; falls back to eager if compiling fails)
     compile: Literal["auto"] | bool = "auto"
-    # several processes, LoRA: shard the frozen base too (true) or keep it whole on every rank (false; 'auto': when it fits)
+    # several processes: shard the frozen base with FSDP2 too (true) or keep it whole on every rank and train data
+    # parallel (false; 'auto': LoRA when the base fits, QLoRA always — its NF4 weights are never sharded)
     shard_frozen: Literal["auto"] | bool = "auto"
     seed: int = 42
     save_steps: int = 500

@@ -65,9 +65,10 @@ def apply(model, *, device: torch.device, method: str, kernels: str, compile_lay
     return used
 
 
-def use_offload(setting, device: torch.device, world: int, grad_checkpointing: bool) -> bool:
-    """Offloaded checkpointing: one device only (under FSDP the layers' own checkpointing stays)."""
-    if not grad_checkpointing or world > 1:
+def use_offload(setting, device: torch.device, fsdp: bool, grad_checkpointing: bool) -> bool:
+    """Offloaded checkpointing: one device, or one per process in data parallel runs (under FSDP the layers' own
+    checkpointing stays)."""
+    if not grad_checkpointing or fsdp:
         return False
     if setting == "auto":
         return device.type == "cuda"

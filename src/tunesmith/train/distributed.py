@@ -14,6 +14,13 @@ How a sharded run works:
   onto its own device; FSDP ignores it), so a step all-gathers only the small LoRA weights, which are still
   sharded with their optimizer state. 'auto' does so when the weight files take at most REPLICATE_FRACTION of
   one device's memory (host memory / local processes on the CPU). Full fine-tunes have nothing frozen.
+- data parallel: when every frozen weight stays whole on every rank (LoRA with the base replicated; QLoRA unless
+  `train.shard_frozen: true`), nothing is left worth sharding: the LoRA weights are a few hundred MB at most.
+  Then FSDP is not used at all. Every rank runs the single-device step (tunesmith's checkpointing with host
+  offload, compiled layers) on its own micro-batches, and one all-reduce per step (`sync_grads`, flat buckets)
+  sums the LoRA gradients; every rank then takes the same optimizer step, so the replicas stay equal. Profiles
+  showed the one-device step bound by the CPU issuing work, which FSDP's per-layer hooks add to; a 2-GPU FSDP run
+  could not use offload or compiled layers at all. Checkpoints: rank 0 writes its own copy.
 - data: every rank reads and tokenises the data itself (deterministic, so all agree; nobody waits on a
   collective meanwhile) and takes its contiguous share of each global step's micro-batches.
 - the loss: every rank computes sum-of-CE / (trained tokens of the whole global step) on its own rows, and
@@ -53,6 +60,8 @@ class Dist:
     # (sharded) is what `shard` does with a model that every rank did not load itself (rank 0 real, meta elsewhere).
     replicate_frozen: bool = False
     frozen_bytes: int | None = None  # the base model's weight files, when known
+    # `load_model`'s decision: every frozen weight whole on every rank, so no FSDP: gradients all-reduced instead
+    data_parallel: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -60,7 +69,13 @@ class Dist:
 
     @property
     def sharded(self) -> bool:
+        """Several processes (each with its share of a step's micro-batches)."""
         return self.world > 1
+
+    @property
+    def fsdp(self) -> bool:
+        """Several processes with the model wrapped by FSDP2 (not data parallel)."""
+        return self.world > 1 and not self.data_parallel
 
 
 def setup(device_pref: str = "auto") -> Dist:
@@ -106,6 +121,9 @@ def load_model(d: Dist, path: str, *, method: str, dtype: torch.dtype, trust_rem
           "attn_implementation": attn_implementation}
     if d.sharded and method == "lora":
         decide_frozen(d, path, shard_frozen)
+    # no FSDP when nothing frozen is sharded: LoRA with the base replicated, QLoRA (its NF4 weights stay whole
+    # anyway) unless asked to shard the rest (embeddings, head, norms) with shard_frozen: true
+    d.data_parallel = d.sharded and (d.replicate_frozen or (method == "qlora" and shard_frozen is not True))
     # QLoRA: every rank loads its own NF4 copy onto its GPU; LoRA with the base replicated: its own full copy
     if not d.sharded or method == "qlora" or d.replicate_frozen:
         return mload.load_model(path, device=d.device, **kw)
@@ -154,12 +172,16 @@ def decide_frozen(d: Dist, path: str, shard_frozen: str | bool) -> None:
 def describe_frozen(d: Dist, model: nn.Module) -> str | None:
     """The log line of the choice for a sharded run with frozen weights; None otherwise."""
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    if not d.sharded or not frozen or _nf4_params(model):
+    if not d.sharded or not frozen:
         return None
+    if _nf4_params(model):
+        if d.data_parallel:
+            return "frozen base: NF4 model whole on every rank; data parallel (LoRA gradients all-reduced)"
+        return "frozen base: NF4 weights whole on every rank, the rest sharded (FSDP2)"
     gib = (d.frozen_bytes if d.frozen_bytes is not None else
            sum(p.numel() * p.element_size() for p in {id(p): p for p in frozen}.values())) / 2**30
     if d.replicate_frozen:
-        return f"frozen base: replicated on every rank ({gib:.3g} GiB)"
+        return f"frozen base: replicated on every rank ({gib:.3g} GiB); data parallel (LoRA gradients all-reduced)"
     return f"frozen base: sharded over {d.world} ranks ({gib:.3g} GiB)"
 
 
@@ -197,6 +219,13 @@ def shard(d: Dist, model: nn.Module) -> Root:
     """FSDP2 over each decoder layer and the root; fills every rank's shards from rank 0's weights."""
     root = Root(model)
     if not d.sharded:
+        return root
+    if d.data_parallel:
+        import torch.distributed as dist
+
+        for p in model.parameters():  # every rank loaded the same base; the LoRA init must agree too
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
         return root
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -289,6 +318,37 @@ def all_sum(d: Dist, x: float) -> float:
     return float(t)
 
 
+# gradients summed per all-reduce call (fp32 elements: 256 MiB); a 7B model's r=64 LoRA takes three
+BUCKET = 1 << 26
+
+
+def sync_grads(d: Dist, params: list[nn.Parameter]) -> None:
+    """Data parallel: sum every trainable gradient over the ranks (each rank's loss is already its share of the
+    global mean), in flat buckets of one dtype. A parameter without a gradient counts as zeros on that rank."""
+    if not d.data_parallel:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        i = 0
+        while i < len(grads):
+            bucket, n = [], 0
+            while i < len(grads) and (not bucket or n + grads[i].numel() <= BUCKET):
+                bucket.append(grads[i])
+                n += grads[i].numel()
+                i += 1
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            for g, v in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(v.view_as(g))
+
+
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """`clip_grad_norm_` that also takes FSDP's sharded gradients (the norm over all shards)."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -307,10 +367,11 @@ def full_state(d: Dist, model: nn.Module, optimizer: torch.optim.Optimizer, trai
                ) -> tuple[dict | None, dict | None]:
     """Gather (model state dict, optimizer state dict) to rank 0's CPU; every rank must call this.
 
-    Unsharded: (None, None): the checkpoint code reads the model and optimizer itself. The optimizer state
-    comes back in `optimizer.state_dict()`'s own form (parameters numbered), the single-device format.
+    Unsharded or data parallel: (None, None): the checkpoint code reads the model and optimizer itself. The
+    optimizer state comes back in `optimizer.state_dict()`'s own form (parameters numbered), the single-device
+    format.
     """
-    if not d.sharded:
+    if not d.fsdp:
         return None, None
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -336,7 +397,7 @@ def full_state(d: Dist, model: nn.Module, optimizer: torch.optim.Optimizer, trai
 
 def load_optimizer(d: Dist, model: nn.Module, optimizer: torch.optim.Optimizer, osd: dict) -> None:
     """Load a full (single-device format) optimizer state dict; sharded runs keep only their shards."""
-    if not d.sharded:
+    if not d.fsdp:
         optimizer.load_state_dict(osd)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

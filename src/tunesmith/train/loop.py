@@ -3,8 +3,9 @@
 setup (model, data, optimizer) -> for each step: accumulate micro-batches, clip, step, schedule, log,
 sample chats, checkpoint -> save the final adapter (or model), metrics and loss curve.
 
-Under torchrun the same loop runs on every rank with the model sharded (FSDP2); `distributed.py` holds
-those details and is a no-op for one process.
+Under torchrun the same loop runs on every rank, with the model sharded (FSDP2) or, when only LoRA weights train
+on a base every rank holds whole, replicated (data parallel); `distributed.py` holds those details and is a
+no-op for one process.
 """
 
 from __future__ import annotations
@@ -157,9 +158,10 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
                                         system, tc.seed, dist.is_main, log)
         convs += distilled
         n_kl = len(distilled) if cfg.use_kl() else 0
-    offload = kernels.use_offload(tc.offload_activations, device, dist.world, tc.grad_checkpointing)
+    offload = kernels.use_offload(tc.offload_activations, device, dist.fsdp, tc.grad_checkpointing)
     if tc.offload_activations is True and not offload:
-        log("train.offload_activations ignored: it needs grad_checkpointing and one process")
+        log("train.offload_activations ignored: it needs grad_checkpointing and no FSDP sharding "
+            "(one process, or LoRA/QLoRA with the frozen base whole on every rank)")
     if cfg.method == "full":
         if tc.grad_checkpointing:
             mload.enable_checkpointing(model, offload)
@@ -175,7 +177,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     compile_layers = kernels.use_compile(tc.compile, device, offload, tc.kernels)
     if tc.compile is True and not compile_layers:
         log("train.compile ignored: it needs train.kernels on/auto and checkpointed, offloaded layers "
-            "(grad_checkpointing with offload_activations, one process)")
+            "(grad_checkpointing with offload_activations, no FSDP sharding)")
     fast = kernels.apply(model, device=device, method=cfg.method, kernels=tc.kernels, compile_layers=compile_layers)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
@@ -263,6 +265,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
             scaler.scale(s / max(1, n_tok_step)).backward()  # FSDP sums (not averages) these over ranks
             loss_sum += float(s.detach())
         loss_sum = distributed.all_sum(dist, loss_sum)
+        distributed.sync_grads(dist, params)  # data parallel: sum the ranks' gradients (FSDP did it in backward)
         scaler.unscale_(optimizer)  # fp16 only: true gradients before clipping (a no-op otherwise)
         gnorm = distributed.clip_grad_norm(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else torch.tensor(0.0)
         scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
