@@ -257,26 +257,62 @@ def test_compiled_layers_match_eager_layers(tiny_dir):
         compiled.disable()
 
 
-def test_compiled_layers_leave_masked_batches_to_eager_mode(tiny_dir):
-    """Packed rows (position ids restart inside a row) carry an attention mask: those layer calls run eagerly."""
+def test_compiled_layers_take_packed_batches(tiny_dir):
+    """Packed rows (position ids restart inside a row, so an attention mask): compiled, equal to eager layers."""
     from tunesmith import kernels
     from tunesmith.kernels import compiled
 
     cpu = torch.device("cpu")
     m = _ckpt_lora_model(tiny_dir, "lora", 0.0)
     kernels.apply(m, device=cpu, method="lora", kernels="auto", compile_layers=True)
-    ids = torch.randint(0, 1000, (2, 10))
-    pos = torch.cat([torch.arange(4), torch.arange(6)]).repeat(2, 1)  # two samples a row
+    ids = torch.randint(0, 1000, (2, 16))
+    pos = torch.cat([torch.arange(6), torch.arange(10)]).repeat(2, 1)  # two samples a row
     try:
-        before = dict(compiled.stats)
+        before = compiled.stats["compiled"]
+        m.zero_grad(set_to_none=True)
         loss, _ = _packed_loss(m, ids, pos)
-        assert compiled.stats["compiled"] == before["compiled"]
-        assert compiled.stats["eager"] > before["eager"]
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.requires_grad}
+        assert compiled.active() and compiled.stats["compiled"] == before + 2 * 2
         compiled.disable()
+        m.zero_grad(set_to_none=True)
         ref, _ = _packed_loss(m, ids, pos)
-        assert torch.allclose(loss, ref)
+        ref.backward()
+        assert torch.allclose(loss, ref, rtol=1e-5)
+        for k, p in m.named_parameters():
+            if p.requires_grad:
+                assert torch.allclose(grads[k], p.grad, rtol=1e-4, atol=1e-6), k
     finally:
         compiled.disable()
+
+
+def test_nf4_dequant_in_plain_ops_equals_bitsandbytes():
+    """The traced NF4 dequantisation equals bitsandbytes' (double-quantised absmax over 1 or 2 blocks of 256)."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from tunesmith.kernels.lora import nf4_dequant_torch
+
+    torch.manual_seed(0)
+    for shape, nested in (((96, 128), True), ((40, 64), True), ((300, 64), True), ((64, 64), False)):
+        w = torch.randn(shape, dtype=torch.bfloat16) * 0.05
+        q, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+        for dt in (torch.bfloat16, torch.float32):
+            assert torch.equal(nf4_dequant_torch(q, qs, dt), bnbf.dequantize_4bit(q, qs).to(dt))
+
+
+def test_collate_pads_masked_batches_to_a_multiple_of_8():
+    from tunesmith.data.packing import PAD_MULTIPLE, Row, collate
+    from tunesmith.data.template import Rendered
+
+    def row(*lens):
+        r = Row()
+        for n in lens:
+            r.add(Rendered(list(range(1, n + 1)), list(range(1, n + 1))))
+        return r
+
+    assert collate([row(5), row(5)], 0)["input_ids"].shape == (2, 5)  # no mask needed: left alone
+    b = collate([row(5), row(3)], 0)
+    assert b["input_ids"].shape == (2, PAD_MULTIPLE) and b["labels"][1, 3:].eq(-100).all()
+    assert collate([row(3, 6)], 0)["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6]]
 
 
 def _packed_loss(model, ids, pos):

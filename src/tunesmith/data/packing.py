@@ -91,12 +91,21 @@ def unpacked(samples: list[Rendered], seed: int = 0) -> list[Row]:
     return rows
 
 
+# Batches that need an attention mask anyway (packed or padded rows) are padded to a multiple of this: compiled
+# layers specialise on the mask's alignment, so an unaligned width would compile the layer again (bench/RESULTS.md)
+PAD_MULTIPLE = 8
+
+
 def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad rows to the longest; padding continues position ids as its own span and carries no loss.
 
+    Batches whose rows differ in length or hold several samples are padded further, to a multiple of
+    `PAD_MULTIPLE`; a batch of equal single-sample rows is left as it is (it needs no attention mask).
     When a row holds a sample flagged `kl`, the batch also carries `kl_mask` (bool, per token).
     """
     width = max(len(r.input_ids) for r in rows)
+    if any(len(r.input_ids) != width or len(r.lengths) > 1 for r in rows):
+        width = -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
     ids, labels, pos, dmask = [], [], [], []
     for r in rows:
         pad = width - len(r.input_ids)

@@ -4,11 +4,14 @@ Profiling the single-GPU runs (bench/RESULTS.md) showed the step bound by the CP
 0.5B–1.8B model issues 20,000+ small PyTorch operations a step (LoRA's casts and matmuls, NF4 dequantisation
 calls, norms, rotary embedding, residual adds), each a Python call and a kernel launch, and the GPU waits on
 them. Compiling the whole layer turns that into one graph per pass (forward, recompute, backward): Inductor
-fuses the elementwise work into a few Triton kernels, and the matmuls, NF4 dequantisation (bitsandbytes' own
-ops) and attention run as the same library kernels as before, called from generated code.
+fuses the elementwise work into a few Triton kernels (NF4 dequantisation included: :func:`.lora.nf4_dequant_torch`),
+and the matmuls and attention run as the same library kernels as before, called from generated code.
 
-Batches with an attention mask (packed rows, padding) run eagerly through the fused kernels (:mod:`.fused`);
-compiled graphs serve the mask-free ones (see `_guarded`).
+Batches with an attention mask (packed rows, padding) compile too: one more graph per grad mode. A first
+build gated them to eager mode after a 50-step packed run on an H200 came out 2.3x slower compiled; the
+recompile log later showed why — Inductor specialises on the mask's width being a multiple of 8, so the first
+batch of another alignment compiled the layer again (~15 s, most of that short run). Packed batches are now
+padded to a multiple of 8 (`data.packing.PAD_MULTIPLE`).
 
 How it plugs in: the layers already run through tunesmith's checkpoint function (:mod:`.offload`), which calls
 each layer's body twice (forward without gradients, then the recompute in the backward pass). That call goes
@@ -24,7 +27,6 @@ and goes on eagerly.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -38,24 +40,10 @@ def _body(run, *args):
     return run(*args)
 
 
-stats = {"compiled": 0, "eager": 0}  # layer calls by path (tests read it)
-
-
-def _has_mask(run, args) -> bool:
-    """The layer gets an attention mask (packed or padded batches)."""
-    kw = getattr(run, "keywords", None) or {}
-    if kw.get("attention_mask") is not None:
-        return True
-    return any(isinstance(a, torch.Tensor) and a.dim() == 4 for a in args[1:])
+stats = {"compiled": 0}  # layer calls through the compiled body (tests read it)
 
 
 def _guarded(run, *args):
-    if _has_mask(run, args) and not os.environ.get("TS_COMPILE_MASKED"):  # the variable: for diagnosis only
-        # Packed (or padded) batches carry a mask: these run eagerly, through the fused kernels of .fused.
-        # A 50-step packed run on an H200 was 2.3x slower with the layers compiled (bench/RESULTS.md); until
-        # that is understood, only mask-free batches (one sample a row, no padding) take the compiled graph.
-        stats["eager"] += 1
-        return run(*args)
     stats["compiled"] += 1
     try:
         return _compiled(run, *args)
@@ -71,7 +59,7 @@ def enable() -> None:
     import torch._inductor.config as icfg
 
     icfg.fallback_random = True  # dropout in the graph draws from PyTorch's generator: replayable
-    # one graph per (grad mode, mask kind); every layer reuses it — leave room for a few variants
+    # one graph per (grad mode, with/without mask); every layer reuses it — leave room for a few variants
     dcfg.recompile_limit = max(getattr(dcfg, "recompile_limit", 8), 32)
     if _compiled is None:
         _compiled = torch.compile(_body, dynamic=True)
