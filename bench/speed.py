@@ -916,15 +916,19 @@ def _drop_flag(args: list[str], flag: str) -> list[str]:
 
 
 def run_parallel(a, rows: list[dict], argv: list[str]) -> int:
-    """--parallel-gpus: one child speed.py per GPU (CUDA_VISIBLE_DEVICES), rows dealt out by estimated cost
-    (matmul weights × tokens a step, biggest first, each to the least loaded GPU); one merged JSON/markdown."""
+    """--parallel-gpus: one child speed.py per GPU (CUDA_VISIBLE_DEVICES), rows dealt out by estimated wall time
+    (biggest first, each to the least loaded GPU); one merged JSON/markdown."""
     gpus = [g.strip() for g in a.parallel_gpus.split(",") if g.strip()]
     load = {g: 0.0 for g in gpus}
     plan: dict[str, list[dict]] = {g: [] for g in gpus}
-    for r in sorted(rows, key=lambda r: -matmul_params(SHAPES[r["shape"]]) * r["seq"] * r["batch"]):
+
+    def cost(r: dict) -> float:  # rough seconds a row takes with all three stacks: loading and compiling dominate
+        return 100 + 6 * matmul_params(SHAPES[r["shape"]]) / 1e9
+
+    for r in sorted(rows, key=lambda r: -cost(r)):
         g = min(gpus, key=lambda k: load[k])
         plan[g].append(r)
-        load[g] += matmul_params(SHAPES[r["shape"]]) * r["seq"] * r["batch"]
+        load[g] += cost(r)
     base = _drop_flag(_drop_flag(_drop_flag(_drop_flag(argv, "--parallel-gpus"), "--rows"), "--out"), "--scratch")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
