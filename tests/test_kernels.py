@@ -17,7 +17,20 @@ def _grads(*ts):
 
 @pytest.mark.parametrize("weight_grad", [False, True])
 @pytest.mark.parametrize("chunk", [5, 64])
-def test_linear_ce_matches_full_logits(weight_grad, chunk):
+@pytest.mark.parametrize("traced", [False, True])
+def test_linear_ce_matches_full_logits(weight_grad, chunk, traced):
+    """`traced`: with compiled layers on, each chunk's softmax gradient is one torch.compile'd function."""
+    from tunesmith.kernels import compiled
+
+    if traced:
+        compiled.enable()
+    try:
+        _linear_ce_vs_full_logits(weight_grad, chunk)
+    finally:
+        compiled.disable()
+
+
+def _linear_ce_vs_full_logits(weight_grad, chunk):
     torch.manual_seed(0)
     n, d, v = 37, 16, 101
     h = torch.randn(n, d, requires_grad=True)
@@ -344,5 +357,44 @@ def test_compiled_layers_fall_back_to_eager_when_compiling_fails(tiny_dir, monke
         assert torch.allclose(l1, l0)
         for k in g0:
             assert torch.allclose(g1[k], g0[k]), k
+    finally:
+        compiled.disable()
+
+
+def test_compiled_qlora_layers_do_not_keep_dequantised_weights(tmp_path, smollm2_dir):
+    """The recompute of a compiled QLoRA layer saves no more for its backward pass than the eager layer does
+    (the NF4 weights are dequantised again in the backward pass, not kept)."""
+    pytest.importorskip("bitsandbytes")
+    from conftest import make_tiny_llama
+
+    from tunesmith import kernels
+    from tunesmith.kernels import compiled
+    from tunesmith.train.loss import causal_lm_loss_sum
+
+    d = make_tiny_llama(tmp_path / "m", smollm2_dir, hidden=128, intermediate=512)  # rows of whole 64-blocks
+
+    def saved_bytes(compile_layers):
+        torch.manual_seed(0)
+        m = _lora_model(d, "qlora", 0.0, offloaded_checkpointing=True)
+        kernels.apply(m, device=torch.device("cpu"), method="qlora", kernels="auto", compile_layers=compile_layers)
+        ids = torch.randint(0, 1000, (2, 64))
+        loss, _ = causal_lm_loss_sum(m, {"input_ids": ids, "position_ids": torch.arange(64).repeat(2, 1),
+                                         "labels": ids}, None, True)
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss.backward()  # the layers are recomputed here, one at a time
+        return sum(sizes)
+
+    try:
+        eager = saved_bytes(False)
+        got = saved_bytes(True)
+        assert compiled.active() and compiled.stats["compiled"] > 0
+        weights = 2 * (4 * 128 * 128 + 3 * 128 * 512) * 4  # what keeping two layers' fp32 weights would add
+        assert got <= eager < got + weights, (got, eager)
     finally:
         compiled.disable()

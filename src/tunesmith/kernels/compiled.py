@@ -46,7 +46,12 @@ stats = {"compiled": 0}  # layer calls through the compiled body (tests read it)
 def _guarded(run, *args):
     stats["compiled"] += 1
     try:
-        return _compiled(run, *args)
+        # No common-subexpression elimination across the joint graph: the LoRA function dequantises an NF4 weight
+        # in its forward pass and again in its backward pass; merged, the partitioner kept every dequantised
+        # weight of the layer from the recompute to the backward pass (a layer's worth of bf16 weights more at
+        # the peak) instead of dequantising again, which costs one fused kernel per weight.
+        with torch._functorch.config.patch(cse=False):
+            return _compiled(run, *args)
     except Exception as e:  # noqa: BLE001 — a compiler failure must not end the run
         disable(f"{type(e).__name__}: {str(e)[:300]}")
         return run(*args)

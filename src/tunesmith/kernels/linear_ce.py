@@ -17,6 +17,33 @@ import torch
 import torch.nn.functional as F
 
 
+def _softmax_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's summed cross-entropy and ``softmax - onehot`` (in the logits' dtype), fp32 inside."""
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=-1)
+    loss = (lse - lf.gather(1, targets[:, None]).squeeze(1)).sum()
+    hit = torch.arange(lf.shape[1], device=lf.device)[None, :] == targets[:, None]
+    g = torch.exp(lf - lse[:, None]) - hit.to(lf.dtype)
+    return loss, g.to(logits.dtype)
+
+
+_compiled_grad = None
+
+
+def _chunk_grad_fn():
+    """With compiled decoder layers on (CUDA), the chunk's softmax/gradient as one compiled function: Inductor
+    reads the logits twice and writes the gradient once, where the eager version below makes an fp32 copy and
+    passes over it five times (profiled: ~14 ms a step on the 1.8B rows, and many launches)."""
+    global _compiled_grad
+    from . import compiled
+
+    if not compiled.active():
+        return None
+    if _compiled_grad is None:
+        _compiled_grad = torch.compile(_softmax_grad, dynamic=True)
+    return _compiled_grad
+
+
 def default_chunk(vocab: int) -> int:
     """Rows per chunk: about 32M fp32 logits (128 MiB) whatever the vocabulary, at least 128 rows."""
     return max(128, (1 << 25) // max(1, vocab))
@@ -32,15 +59,20 @@ class _LinearCE(torch.autograd.Function):
         grad_h = torch.empty_like(hc) if h.requires_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        fused = _chunk_grad_fn()
         for i in range(0, n, chunk):
             hi, ti = hc[i:i + chunk], targets[i:i + chunk]
-            logits = (hi @ wc.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, ti[:, None]).squeeze(1)).sum()
-            # softmax - onehot, in place on the logits buffer
-            g = logits.sub_(lse[:, None]).exp_()
-            g[torch.arange(g.shape[0], device=g.device), ti] -= 1.0
-            g = g.to(compute_dtype)
+            if fused is not None:
+                loss_i, g = fused(hi @ wc.t(), ti)
+                total += loss_i
+            else:
+                logits = (hi @ wc.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, ti[:, None]).squeeze(1)).sum()
+                # softmax - onehot, in place on the logits buffer
+                g = logits.sub_(lse[:, None]).exp_()
+                g[torch.arange(g.shape[0], device=g.device), ti] -= 1.0
+                g = g.to(compute_dtype)
             if grad_h is not None:
                 torch.matmul(g, wc, out=grad_h[i:i + chunk])
             if grad_w is not None:
