@@ -41,13 +41,7 @@ def nf4_dequant_torch(packed: torch.Tensor, qs, dtype: torch.dtype) -> torch.Ten
         absmax = s2.code[absmax.long()] * s2.absmax[i] + qs.offset
     p = packed.reshape(-1)
     idx = torch.stack((p >> 4, p & 15), -1).reshape(-1)
-    # the 16-entry table as selects, not an index op: pointwise ops only, so when the layer's backward pass needs
-    # the weight again the compiler recomputes it from the packed bytes instead of keeping the dequantised weight
-    # from the forward pass (an index op is not recomputable there: that kept ~1 bf16 weight a layer, +0.1-0.2 GiB)
-    vals = torch.zeros(idx.shape, dtype=torch.float32, device=idx.device)
-    for k in range(16):
-        vals = torch.where(idx == k, qs.code[k], vals)
-    vals = vals.view(-1, qs.blocksize) * absmax.float()[:, None]
+    vals = qs.code[idx.long()].view(-1, qs.blocksize) * absmax.float()[:, None]
     return vals.to(qs.dtype).to(dtype).view(qs.shape)  # via the weight's own dtype, as bitsandbytes returns it
 
 
