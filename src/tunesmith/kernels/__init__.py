@@ -3,8 +3,8 @@
 - :mod:`.linear_ce`  output projection + cross-entropy with the gradient made in the forward pass (everywhere);
 - :mod:`.lora`       a PEFT LoRA linear layer as one autograd function (bf16/fp32 and NF4 bases; everywhere);
 - :mod:`.fused`      RMSNorm, SwiGLU and rotary embedding compiled into single kernels (CUDA);
-- :mod:`.offload`    activation checkpointing that keeps layer inputs in pinned host memory (CUDA, one device);
-- :mod:`.compiled`   each checkpointed decoder layer's body compiled by torch.compile (CUDA, one device).
+- :mod:`.offload`    activation checkpointing that keeps layer inputs in pinned host memory (CUDA; not under FSDP);
+- :mod:`.compiled`   each checkpointed decoder layer's body compiled by torch.compile (CUDA; not under FSDP).
 
 ``train.kernels: off`` turns them all off but offloading (the reference path); ``train.offload_activations`` and
 ``train.compile`` the last two.

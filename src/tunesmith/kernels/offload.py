@@ -6,9 +6,9 @@ is copied to pinned host memory on a side stream while the GPU goes on computing
 layer before it prefetched while this one recomputes — in the backward pass, which recomputes the layer from
 it as usual. The recompute replays the forward pass's autocast state and RNG state (so dropout matches).
 
-Used for single-device CUDA training (`train.offload_activations`); the reference is
-``torch.utils.checkpoint.checkpoint`` (``tests/test_kernels.py`` compares gradients on the CPU, where the
-"host copy" is a plain copy).
+Used for CUDA training on one device, or on each rank of a data-parallel run (`train.offload_activations`); the
+reference is ``torch.utils.checkpoint.checkpoint`` (``tests/test_kernels.py`` compares gradients on the CPU, where
+the "host copy" is a plain copy).
 """
 
 from __future__ import annotations
