@@ -278,3 +278,20 @@ def _worker(spec_file: str) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+def test_nproc_beyond_the_visible_gpus_is_a_clear_error(monkeypatch):
+    from tunesmith import cli
+    from tunesmith.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    cli._check_nproc(2, "auto")
+    cli._check_nproc(8, "cpu")  # CPU processes (gloo): as many as asked
+    with pytest.raises(UserError, match=r"--nproc 4: this node has 2 CUDA GPU\(s\) visible"):
+        cli._check_nproc(4, "auto")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(UserError, match="no CUDA GPU is visible"):
+        cli._check_nproc(2, "cuda")
+    r = subprocess.run([sys.executable, "-m", "tunesmith", "train", "smollm2_135m_instruct_lora_persona", "--nproc", "0"],
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--nproc 0" in r.stderr and "Traceback" not in r.stderr

@@ -131,6 +131,20 @@ def _torchrun(nproc: int) -> None:
     raise typer.Exit(subprocess.call(cmd))
 
 
+def _check_nproc(nproc: int, device: str) -> None:
+    """One process per GPU: more processes than visible GPUs would fail in every extra rank, after the launch."""
+    if device == "cpu":
+        return  # several CPU processes (gloo) are allowed
+    import torch
+
+    n = torch.cuda.device_count()
+    if n == 0 and device.startswith("cuda"):
+        raise UserError(f"--nproc {nproc} with train.device {device}: no CUDA GPU is visible here")
+    if 0 < n < nproc:
+        raise UserError(f"--nproc {nproc}: this node has {n} CUDA GPU(s) visible (CUDA_VISIBLE_DEVICES); use "
+                        f"--nproc {n} or fewer, one process per GPU")
+
+
 @app.command("train")
 def train_cmd(
     config: str = typer.Argument(..., help="config file or built-in config name"),
@@ -143,7 +157,10 @@ def train_cmd(
 
     cfg = load_config(config, overrides or [])
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _check_nproc(nproc, cfg.train.device)
         _torchrun(nproc)
+    elif nproc < 1:
+        raise UserError(f"--nproc {nproc}: give the number of GPUs (processes) to use on this node, 1 or more")
     from .train.loop import train
 
     train(cfg, resume=resume, log=_log)
