@@ -206,20 +206,30 @@ def test_offloaded_checkpointing_matches_plain_checkpointing(tiny_dir):
         assert torch.allclose(ga[k], gb[k], rtol=1e-5, atol=1e-7), k
 
 
-def test_training_fast_path_matches_reference_path(tiny_dir, tmp_path):
-    """Same seed and data: the losses with kernels on stay within 1e-4 of the reference path's (fp32 CPU)."""
+@pytest.mark.parametrize("compiled_layers", [False, True])
+def test_training_fast_path_matches_reference_path(tiny_dir, tmp_path, compiled_layers):
+    """Same seed and data (packed rows): the losses with kernels on stay within 1e-4 of the reference path's (fp32
+    CPU); with compiled layers too (Inductor's C++ backend here: the layer graphs, packed batches, the loss chunks)."""
+    from tunesmith.kernels import compiled
     from tunesmith.train.loop import train
     from test_train import make_cfg, quiet
 
     cfgs = [make_cfg(tiny_dir, tmp_path / "fast", max_steps=5, kernels="on", grad_checkpointing=True,
-                     offload_activations=True),
+                     offload_activations=True, compile=compiled_layers),
             make_cfg(tiny_dir, tmp_path / "ref", max_steps=5, kernels="off")]
     for c in cfgs:
         c.lora.dropout = 0.0  # the LoRA function covers dropout-free adapters
     logs = []
-    fast = train(cfgs[0], log=lambda *a: logs.append(" ".join(map(str, a))))
+    try:
+        before = compiled.stats["compiled"]
+        fast = train(cfgs[0], log=lambda *a: logs.append(" ".join(map(str, a))))
+        assert compiled.active() == compiled_layers
+        assert (compiled.stats["compiled"] > before) == compiled_layers
+    finally:
+        compiled.disable()
     ref = train(cfgs[1], log=quiet)
-    assert any("fast paths: linear-ce, lora, rms_norm, swiglu; activations offloaded" in x for x in logs), logs
+    paths = "linear-ce, lora, compiled-layers, rms_norm" if compiled_layers else "linear-ce, lora, rms_norm"
+    assert any(f"fast paths: {paths}, swiglu; activations offloaded" in x for x in logs), logs
     for x, y in zip(fast.losses, ref.losses):
         assert abs(x - y) / y < 1e-4, (fast.losses, ref.losses)
 
