@@ -96,7 +96,8 @@ class TrainCfg(_Strict):
     # keep checkpointed layer inputs in pinned host memory ('auto': on for one CUDA device)
     offload_activations: Literal["auto"] | bool = "auto"
     # each decoder layer's body compiled by torch.compile, one graph for all layers ('auto': on where activations
-    # are offloaded, i.e. one CUDA device with checkpointing; needs Triton; falls back to eager if compiling fails)
+    # are offloaded, i.e. CUDA with checkpointing and no FSDP — one GPU or each data-parallel rank; needs Triton;
+    # falls back to eager if compiling fails)
     compile: Literal["auto"] | bool = "auto"
     # several processes: shard the frozen base with FSDP2 too (true) or keep it whole on every rank and train data
     # parallel (false; 'auto': LoRA when the base fits, QLoRA always — its NF4 weights are never sharded)

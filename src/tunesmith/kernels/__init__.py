@@ -41,7 +41,7 @@ def apply(model, *, device: torch.device, method: str, kernels: str, compile_lay
 
     `compile_layers` (see :func:`use_compile`): each decoder layer's body runs through torch.compile
     (:mod:`.compiled`), which traces the plain versions of the fused norms, SwiGLU and RoPE and fuses them itself;
-    batches it leaves to eager mode use the fused kernels.
+    should compiling fail, the eager layers use the fused kernels.
     """
     from . import compiled
 

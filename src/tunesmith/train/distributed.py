@@ -220,14 +220,13 @@ def shard(d: Dist, model: nn.Module) -> Root:
     root = Root(model)
     if not d.sharded:
         return root
-    if d.data_parallel:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
+    if d.data_parallel:
         for p in model.parameters():  # every rank loaded the same base; the LoRA init must agree too
             if p.requires_grad:
                 dist.broadcast(p.data, src=0)
         return root
-    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
