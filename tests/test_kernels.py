@@ -322,20 +322,96 @@ def test_nf4_dequant_in_plain_ops_equals_bitsandbytes():
             assert torch.equal(nf4_dequant_torch(q, qs, dt), bnbf.dequantize_4bit(q, qs).to(dt))
 
 
-def test_collate_pads_masked_batches_to_a_multiple_of_8():
-    from tunesmith.data.packing import PAD_MULTIPLE, Row, collate
+def _row(*lens):
+    from tunesmith.data.packing import Row
     from tunesmith.data.template import Rendered
 
-    def row(*lens):
-        r = Row()
-        for n in lens:
-            r.add(Rendered(list(range(1, n + 1)), list(range(1, n + 1))))
-        return r
+    r = Row()
+    for n in lens:
+        r.add(Rendered(list(range(1, n + 1)), list(range(1, n + 1))))
+    return r
 
-    assert collate([row(5), row(5)], 0)["input_ids"].shape == (2, 5)  # no mask needed: left alone
-    b = collate([row(5), row(3)], 0)
+
+def test_collate_pads_masked_batches_to_few_widths_and_marks_sample_boundaries():
+    from tunesmith.data.packing import PAD_MULTIPLE, collate, padded_width
+
+    b = collate([_row(5), _row(5)], 0)
+    assert b["input_ids"].shape == (2, 5) and "cu_seqlens" not in b  # no mask needed: left alone
+    b = collate([_row(5), _row(3)], 0)
     assert b["input_ids"].shape == (2, PAD_MULTIPLE) and b["labels"][1, 3:].eq(-100).all()
-    assert collate([row(3, 6)], 0)["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6]]
+    # flattened over the batch; each padding span is a sample of its own
+    assert b["cu_seqlens"].tolist() == [0, 5, 8, 11, 16] and b["max_seqlen"] == 5
+    assert b["cu_seqlens"].dtype == torch.int32
+    b = collate([_row(3, 6)], 0)
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6]]
+    assert b["cu_seqlens"].tolist() == [0, 3, 9, 16] and b["max_seqlen"] == 7
+    assert [padded_width(w) for w in (1, 9, 16, 255, 300, 1025, 2008, 2048)] == [8, 16, 16, 256, 304, 1088, 2048, 2048]
+    for w in range(1, 5000):  # never narrower, at most 1/16 wider above 256, 16 widths per doubling at most
+        p = padded_width(w)
+        assert p >= w and p % PAD_MULTIPLE == 0 and (w < 256 or p - w <= w / 16)
+    assert len({padded_width(w) for w in range(1025, 2049)}) == 16
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, enable_gqa=False, **causal):
+    """Stand-in for torch's varlen_attn on the CPU: causal SDPA on each sample alone."""
+    assert causal in ({"window_size": (-1, 0)}, {"is_causal": True}) and cu_q is cu_k and max_q == max_k
+    cu = cu_q.tolist()
+    assert max(b - a for a, b in zip(cu, cu[1:])) == max_q
+    outs = []
+    for a, b in zip(cu, cu[1:]):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        if ks.shape[0] != qs.shape[0]:
+            assert enable_gqa
+            ks, vs = (t.repeat_interleave(qs.shape[0] // t.shape[0], dim=0) for t in (ks, vs))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+    _reference_varlen.calls += 1
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("gqa_arg", [False, True])
+def test_varlen_attention_matches_masked_sdpa(tiny_dir, monkeypatch, gqa_arg):
+    """Packed rows through the variable-length attention path (a per-sample stand-in for the CUDA kernel) give the
+    loss and gradients of SDPA with transformers' block-diagonal mask; the tiny model has grouped KV heads."""
+    from tunesmith.data.packing import collate
+    from tunesmith.kernels import attention
+    from tunesmith.train.loss import causal_lm_loss_sum
+
+    monkeypatch.setattr(attention._state, "op", _reference_varlen)
+    monkeypatch.setattr(attention._state, "kwargs", {"window_size": (-1, 0)})
+    monkeypatch.setattr(attention._state, "scale_arg", True)
+    monkeypatch.setattr(attention._state, "gqa_arg", gqa_arg)
+    monkeypatch.setattr(attention._state, "allow_cpu", True)
+    m = _ckpt_lora_model(tiny_dir, "lora", 0.0)
+    g = torch.Generator().manual_seed(3)
+    rows = [_row(4, 9, 1, 7), _row(12, 5)]  # widths 21 and 17: padding spans too
+    for r in rows:
+        r.input_ids = torch.randint(3, 1000, (len(r.input_ids),), generator=g).tolist()
+        r.labels = list(r.input_ids)
+    batch = collate(rows, 0)
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        loss, n = causal_lm_loss_sum(m, batch, None, True)
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.requires_grad}
+
+    ref, ref_grads = run()  # SDPA with the mask transformers builds from the position ids
+    _reference_varlen.calls = 0
+    assert attention.patch_varlen(m)
+    try:
+        loss, grads = run()
+        assert _reference_varlen.calls >= 2  # both layers took the varlen path
+        assert torch.allclose(loss, ref, rtol=1e-5)
+        for k in ref_grads:
+            assert torch.allclose(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6), k
+        # calls without boundaries (generation, full rows) fall back to SDPA
+        _reference_varlen.calls = 0
+        with torch.no_grad():
+            m(input_ids=batch["input_ids"][:1, :8])
+        assert _reference_varlen.calls == 0
+    finally:
+        attention.unpatch_varlen(m)
+    assert m.get_base_model().config._attn_implementation == "sdpa"
 
 
 def _packed_loss(model, ids, pos):

@@ -91,21 +91,34 @@ def unpacked(samples: list[Rendered], seed: int = 0) -> list[Row]:
     return rows
 
 
-# Batches that need an attention mask anyway (packed or padded rows) are padded to a multiple of this: compiled
-# layers specialise on the mask's alignment, so an unaligned width would compile the layer again (bench/RESULTS.md)
+# Batches that need an attention mask anyway (packed or padded rows) are padded to a width from a short list:
+# a multiple of PAD_MULTIPLE, and of a coarser step as widths grow (16 widths per doubling, so at most 1/16 of a
+# row is padding). Every new width costs once per process: compiled layers specialise on the mask's alignment (an
+# unaligned width compiled the layer again, bench/RESULTS.md), and on a 4-GPU run each rank's first batch of
+# a new width was 150-200 ms slower even eagerly, which every other rank then waited for.
 PAD_MULTIPLE = 8
 
 
-def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows to the longest; padding continues position ids as its own span and carries no loss.
+def padded_width(width: int) -> int:
+    """The width a batch that needs a mask is padded to: 9 -> 16, 300 -> 304, 2008 -> 2048 (never less than
+    `width`, at most 1/16 more above 256)."""
+    step = max(PAD_MULTIPLE, 1 << max(0, width.bit_length() - 5))
+    return -(-width // step) * step
 
-    Batches whose rows differ in length or hold several samples are padded further, to a multiple of
-    `PAD_MULTIPLE`; a batch of equal single-sample rows is left as it is (it needs no attention mask).
-    When a row holds a sample flagged `kl`, the batch also carries `kl_mask` (bool, per token).
+
+def collate(rows: list[Row], pad_id: int) -> dict:
+    """Right-pad rows to a common width; padding continues position ids as its own span and carries no loss.
+
+    Batches whose rows differ in length or hold several samples are padded to `padded_width` and carry their
+    sample boundaries for variable-length attention: `cu_seqlens` (int32, flattened over the batch, padding
+    spans included as samples of their own) and `max_seqlen` (a Python int); a batch of equal single-sample rows
+    is left as it is (it needs no attention mask). When a row holds a sample flagged `kl`, the batch also carries
+    `kl_mask` (bool, per token).
     """
     width = max(len(r.input_ids) for r in rows)
-    if any(len(r.input_ids) != width or len(r.lengths) > 1 for r in rows):
-        width = -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
+    masked = any(len(r.input_ids) != width or len(r.lengths) > 1 for r in rows)
+    if masked:
+        width = padded_width(width)
     ids, labels, pos, dmask = [], [], [], []
     for r in rows:
         pad = width - len(r.input_ids)
@@ -118,6 +131,10 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
         "labels": torch.tensor(labels, dtype=torch.long),
         "position_ids": torch.tensor(pos, dtype=torch.long),
     }
+    if masked:
+        from ..kernels.attention import cu_seqlens
+
+        out["cu_seqlens"], out["max_seqlen"] = cu_seqlens(out["position_ids"])
     if any(any(r.kl) for r in rows):
         out["kl_mask"] = torch.tensor(dmask, dtype=torch.bool)
     return out

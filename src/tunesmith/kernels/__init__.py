@@ -3,6 +3,7 @@
 - :mod:`.linear_ce`  output projection + cross-entropy with the gradient made in the forward pass (everywhere);
 - :mod:`.lora`       a PEFT LoRA linear layer as one autograd function (bf16/fp32 and NF4 bases; everywhere);
 - :mod:`.fused`      RMSNorm, SwiGLU and rotary embedding compiled into single kernels (CUDA);
+- :mod:`.attention`  packed rows attend per sample with PyTorch's variable-length flash attention (CUDA);
 - :mod:`.offload`    activation checkpointing that keeps layer inputs in pinned host memory (CUDA; not under FSDP);
 - :mod:`.compiled`   each checkpointed decoder layer's body compiled by torch.compile (CUDA; not under FSDP).
 
@@ -29,7 +30,10 @@ def swap_forward(m: torch.nn.Module, fn) -> bool:
 
 
 def restore_forwards(model: torch.nn.Module) -> None:
-    """Undo every `swap_forward` in `model`."""
+    """Undo every `swap_forward` in `model` (and the attention implementation `apply` chose)."""
+    from .attention import unpatch_varlen
+
+    unpatch_varlen(model)
     for m in model.modules():
         if hasattr(m, ORIG):
             m.forward = getattr(m, ORIG)
@@ -57,6 +61,11 @@ def apply(model, *, device: torch.device, method: str, kernels: str, compile_lay
     if compile_layers:
         compiled.enable()
         used.append("compiled-layers")
+    if device.type == "cuda":
+        from .attention import patch_varlen
+
+        if patch_varlen(model):
+            used.append("varlen-attn")
     if device.type == "cuda" or kernels == "on":
         from .fused import patch_fused
 

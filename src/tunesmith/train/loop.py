@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,29 @@ class TrainResult:
 
 def _quiet(*args, **kwargs) -> None:
     pass
+
+
+class _PhaseTimer:
+    """TUNESMITH_STEP_TIMING=1: each rank prints, per step, where its wall time went (device synchronised at
+    each mark, so it slows the run a little; for diagnosing scaling, not for timing runs)."""
+
+    def __init__(self, rank: int, device: torch.device):
+        self.rank, self.device = rank, device
+        self.t = time.perf_counter()
+        self.parts: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.parts.append((name, now - self.t))
+        self.t = now
+
+    def flush(self, step: int) -> None:
+        total = sum(s for _, s in self.parts)
+        body = " ".join(f"{n} {1e3 * s:.1f}" for n, s in self.parts)
+        print(f"[timing] rank {self.rank} step {step}: {body} | total {1e3 * total:.1f} ms", file=sys.stderr, flush=True)
+        self.parts = []
 
 
 def seed_all(seed: int) -> None:
@@ -249,6 +274,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         do_samples(0)
     model.train()
     t_last, tokens_since = time.perf_counter(), 0
+    phases = _PhaseTimer(dist.rank, device) if os.environ.get("TUNESMITH_STEP_TIMING") else None
     for step in range(start_step, total_steps):
         # the whole global step's rows, known to every rank; each rank trains on its share of the micro-batches
         idx = row_stream(len(rows), tc.seed, step * per_step_rows, per_step_rows)
@@ -258,14 +284,22 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         tokens_since += sum(len(rows[i].input_ids) for i in idx)  # real tokens, padding not counted
         distributed.step_seed(dist, tc.seed, step)
         loss_sum = 0.0
+        if phases:
+            phases.mark("data")
         for b in distributed.share(dist, micro):
-            b = {k: v.to(device) for k, v in b.items()}
+            b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
             with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
                 s, _ = root(causal_lm_loss_sum, b, None, "linear-ce" in fast)
             scaler.scale(s / max(1, n_tok_step)).backward()  # FSDP sums (not averages) these over ranks
             loss_sum += float(s.detach())
+        if phases:
+            phases.mark("compute")
         loss_sum = distributed.all_sum(dist, loss_sum)
+        if phases:
+            phases.mark("wait")  # the slowest rank's compute, seen by the others
         distributed.sync_grads(dist, params)  # data parallel: sum the ranks' gradients (FSDP did it in backward)
+        if phases:
+            phases.mark("grad-sync")
         scaler.unscale_(optimizer)  # fp16 only: true gradients before clipping (a no-op otherwise)
         gnorm = distributed.clip_grad_norm(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else torch.tensor(0.0)
         scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
@@ -273,6 +307,9 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_sum / max(1, n_tok_step)
+        if phases:
+            phases.mark("optimizer")
+            phases.flush(step + 1)
         result.losses.append(loss)
         now = time.perf_counter()
         logger.step(step + 1, loss=loss, lr=scheduler.get_last_lr()[0], grad_norm=float(gnorm),

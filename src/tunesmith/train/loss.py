@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..data.template import IGNORE
+from ..kernels.attention import decoder_kwargs
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -31,7 +32,8 @@ def base_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if not hasattr(model, "disable_adapter"):
         raise ValueError("KL regularisation needs the base model: it works with method lora or qlora, not full")
     with torch.no_grad(), model.disable_adapter():
-        out = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        out = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                                  **decoder_kwargs(model, batch))
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
@@ -53,7 +55,8 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int | None 
     labels = batch["labels"]
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
-    out = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    out = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                  **decoder_kwargs(model, batch))  # sample boundaries, when attention is variable-length
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     targets = labels[:, 1:]
     keep = targets != IGNORE

@@ -1,0 +1,160 @@
+"""Attention for packed rows with PyTorch's variable-length flash attention (CUDA, torch >= 2.10).
+
+A packed row holds several samples. Through SDPA it needs a block-diagonal causal mask over the whole row, and
+the masked kernel computes every (query, key) block of the row, so a 2048-token row of twenty 100-token
+samples pays for 2048² scores where 20·100² are needed; the mask also sends SDPA to its slower masked backend.
+Here the rows are cut at their sample boundaries (``cu_seqlens``, built by ``data.packing.collate`` from the
+position ids) and ``torch.nn.attention.varlen.varlen_attn`` runs causal flash attention on each sample alone.
+
+How it plugs in: the model's attention implementation is set to ``"tunesmith_varlen"``, registered with
+transformers' ``AttentionInterface``. Calls that carry ``cu_seq_lens_q`` (training batches that need a mask)
+take the varlen kernel; every other call (full rows, generation with a KV cache, the CPU, anything the kernel
+does not cover: dropout, sliding windows, soft-capping, fp32) goes to transformers' own SDPA function with the
+mask transformers built, exactly as ``attn_implementation="sdpa"`` would.
+
+Reference: SDPA with the block-diagonal mask (``tests/test_kernels_cuda.py`` compares outputs and gradients;
+the CPU tests check the cut points and the plumbing with a per-sample reference standing in for the kernel).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+NAME = "tunesmith_varlen"
+
+
+class _State:
+    op = None  # varlen_attn-like callable (q, k, v, cu, cu, max, max) -> out, or None
+    kwargs: dict = {}  # how this torch version asks for causal attention (and the scale, GQA)
+    scale_arg = False
+    gqa_arg = False
+    allow_cpu = False  # tests: let a stand-in op run on the CPU
+
+
+_state = _State()
+
+
+def _load() -> bool:
+    if _state.op is not None:
+        return True
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return False
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:  # torch >= 2.11: causal is the (-1, 0) window
+        _state.kwargs = {"window_size": (-1, 0)}
+    elif "is_causal" in params:  # torch 2.10
+        _state.kwargs = {"is_causal": True}
+    else:
+        return False
+    _state.scale_arg = "scale" in params
+    _state.gqa_arg = "enable_gqa" in params  # torch >= 2.12; before, the key/value heads are repeated
+    _state.op = varlen_attn
+    return True
+
+
+def available(device: torch.device) -> bool:
+    """A CUDA device and a torch with ``varlen_attn``."""
+    return device.type == "cuda" and _load()
+
+
+def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sample boundaries of a (batch, width) block of position ids, flattened: a segment starts at every row start
+    and wherever the position id is 0. Returns (int32 cumulative lengths with 0 first and the total last, the
+    longest segment)."""
+    b, w = position_ids.shape
+    starts = position_ids == 0
+    starts[:, 0] = True
+    idx = torch.nonzero(starts.reshape(-1), as_tuple=False).reshape(-1)
+    cu = torch.cat([idx, torch.tensor([b * w])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def _sdpa(*args, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs = {k: v for k, v in kwargs.items() if k not in _VARLEN_KEYS}
+    return sdpa_attention_forward(*args, **kwargs)
+
+
+_VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs):
+    """transformers attention function: (batch, heads, seq, dim) in, ((batch, seq, heads, dim), None) out."""
+    cu = kwargs.get("cu_seq_lens_q")
+    b, hq, s, d = query.shape
+    usable = (
+        cu is not None and _state.op is not None and (query.is_cuda or _state.allow_cpu)
+        and (query.dtype in (torch.float16, torch.bfloat16) or _state.allow_cpu) and dropout == 0.0 and d % 8 == 0 and d <= 256
+        and kwargs.get("sliding_window") is None and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
+        and key.shape[2] == s and hq % key.shape[1] == 0
+        and (_state.scale_arg or scaling is None or abs(scaling - d ** -0.5) < 1e-6)
+    )
+    if not usable:
+        return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    hk = key.shape[1]
+    q = query.transpose(1, 2).reshape(b * s, hq, d)
+    k = key.transpose(1, 2).reshape(b * s, hk, d)
+    v = value.transpose(1, 2).reshape(b * s, hk, d)
+    extra = dict(_state.kwargs)
+    if hk != hq:
+        if _state.gqa_arg:
+            extra["enable_gqa"] = True
+        else:
+            k, v = k.repeat_interleave(hq // hk, dim=1), v.repeat_interleave(hq // hk, dim=1)
+    if _state.scale_arg and scaling is not None:
+        extra["scale"] = scaling
+    m = kwargs["max_length_q"]
+    out = _state.op(q, k.contiguous(), v.contiguous(), cu, cu, m, m, **extra)
+    return out.view(b, s, hq, d), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the fallback (SDPA) gets the mask it expects
+
+
+def patch_varlen(model) -> bool:
+    """Switch `model` (a transformers model, PEFT-wrapped or not) to this attention; False where it cannot be
+    (no varlen kernel, a model that does not dispatch through AttentionInterface, or an implementation other
+    than SDPA chosen in the config)."""
+    if not _load() and not _state.allow_cpu:
+        return False
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(hf, "config", None)
+    if cfg is None or getattr(cfg, "_attn_implementation", None) not in ("sdpa", NAME):
+        return False
+    if not getattr(hf, "_supports_attention_backend", False):
+        return False
+    _register()
+    cfg._attn_implementation = NAME
+    return True
+
+
+def unpatch_varlen(model) -> None:
+    """Back to SDPA (for a model that is saved or served after training)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(hf, "config", None)
+    if cfg is not None and getattr(cfg, "_attn_implementation", None) == NAME:
+        cfg._attn_implementation = "sdpa"
+
+
+def decoder_kwargs(model, batch: dict) -> dict:
+    """The keyword arguments that carry a batch's sample boundaries into the attention calls (none unless the
+    model uses this attention and the batch has boundaries)."""
+    cu = batch.get("cu_seqlens")
+    if cu is None:
+        return {}
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(hf, "config", None), "_attn_implementation", None) != NAME:
+        return {}
+    m = int(batch["max_seqlen"])
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": m, "max_length_k": m}
