@@ -350,6 +350,9 @@ def test_collate_pads_masked_batches_to_few_widths_and_marks_sample_boundaries()
         p = padded_width(w)
         assert p >= w and p % PAD_MULTIPLE == 0 and (w < 256 or p - w <= w / 16)
     assert len({padded_width(w) for w in range(1025, 2049)}) == 16
+    # the CPU (coarse=False): the exact width rounded to a multiple of 8
+    assert collate([_row(1000, 3)], 0, coarse=False)["input_ids"].shape == (1, 1008)
+    assert collate([_row(1000, 3)], 0)["input_ids"].shape == (1, 1024)
 
 
 def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, enable_gqa=False, **causal):

@@ -106,10 +106,11 @@ def padded_width(width: int) -> int:
     return -(-width // step) * step
 
 
-def collate(rows: list[Row], pad_id: int) -> dict:
+def collate(rows: list[Row], pad_id: int, coarse: bool = True) -> dict:
     """Right-pad rows to a common width; padding continues position ids as its own span and carries no loss.
 
-    Batches whose rows differ in length or hold several samples are padded to `padded_width` and carry their
+    Batches whose rows differ in length or hold several samples are padded to `padded_width` (`coarse`, for GPUs,
+    where each new width costs) or to a multiple of `PAD_MULTIPLE` (the CPU, where it does not) and carry their
     sample boundaries for variable-length attention: `cu_seqlens` (int32, flattened over the batch, padding
     spans included as samples of their own) and `max_seqlen` (a Python int); a batch of equal single-sample rows
     is left as it is (it needs no attention mask). When a row holds a sample flagged `kl`, the batch also carries
@@ -118,7 +119,7 @@ def collate(rows: list[Row], pad_id: int) -> dict:
     width = max(len(r.input_ids) for r in rows)
     masked = any(len(r.input_ids) != width or len(r.lengths) > 1 for r in rows)
     if masked:
-        width = padded_width(width)
+        width = padded_width(width) if coarse else -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
     ids, labels, pos, dmask = [], [], [], []
     for r in rows:
         pad = width - len(r.input_ids)

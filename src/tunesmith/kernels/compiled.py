@@ -27,6 +27,7 @@ and goes on eagerly.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -50,7 +51,9 @@ def _guarded(run, *args):
         # in its forward pass and again in its backward pass; merged, the partitioner kept every dequantised
         # weight of the layer from the recompute to the backward pass (a layer's worth of bf16 weights more at
         # the peak) instead of dequantising again, which costs one fused kernel per weight.
-        with torch._functorch.config.patch(cse=False):
+        # TUNESMITH_COMPILE_CSE=1 merges them again (for A/B runs; the GPU speed cost of dequantising twice is
+        # not yet measured on its own: bench/RESULTS.md, fifth run).
+        with torch._functorch.config.patch(cse=os.environ.get("TUNESMITH_COMPILE_CSE") == "1"):
             return _compiled(run, *args)
     except Exception as e:  # noqa: BLE001 — a compiler failure must not end the run
         disable(f"{type(e).__name__}: {str(e)[:300]}")

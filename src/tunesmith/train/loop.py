@@ -278,7 +278,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     for step in range(start_step, total_steps):
         # the whole global step's rows, known to every rank; each rank trains on its share of the micro-batches
         idx = row_stream(len(rows), tc.seed, step * per_step_rows, per_step_rows)
-        micro = [collate([rows[i] for i in idx[j:j + tc.batch_size]], pad_id)
+        micro = [collate([rows[i] for i in idx[j:j + tc.batch_size]], pad_id, coarse=device.type == "cuda")
                  for j in range(0, len(idx), tc.batch_size)]
         n_tok_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         tokens_since += sum(len(rows[i].input_ids) for i in idx)  # real tokens, padding not counted
