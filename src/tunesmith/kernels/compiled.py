@@ -11,7 +11,7 @@ Batches with an attention mask (packed rows, padding) compile too: one more grap
 build gated them to eager mode after a 50-step packed run on an H200 came out 2.3x slower compiled; the
 recompile log later showed why — Inductor specialises on the mask's width being a multiple of 8, so the first
 batch of another alignment compiled the layer again (~15 s, most of that short run). Packed batches are now
-padded to a multiple of 8 (`data.packing.PAD_MULTIPLE`).
+padded to one of a few widths, all multiples of 8 (`data.packing.padded_width`).
 
 How it plugs in: the layers already run through tunesmith's checkpoint function (:mod:`.offload`), which calls
 each layer's body twice (forward without gradients, then the recompute in the backward pass). That call goes
