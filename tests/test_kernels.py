@@ -407,14 +407,20 @@ def test_varlen_attention_matches_masked_sdpa(tiny_dir, monkeypatch, gqa_arg):
         assert torch.allclose(loss, ref, rtol=1e-5)
         for k in ref_grads:
             assert torch.allclose(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6), k
-        # calls without boundaries (generation, full rows) fall back to SDPA
+        # calls without boundaries (generation with a KV cache and padding, full rows) fall back to SDPA
         _reference_varlen.calls = 0
+        prompt = batch["input_ids"][:, :6]
+        pad_mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # left padding in the first row
+        m.eval()
         with torch.no_grad():
-            m(input_ids=batch["input_ids"][:1, :8])
+            got = m.generate(input_ids=prompt, attention_mask=pad_mask, max_new_tokens=4, do_sample=False)
         assert _reference_varlen.calls == 0
     finally:
         attention.unpatch_varlen(m)
     assert m.get_base_model().config._attn_implementation == "sdpa"
+    with torch.no_grad():
+        want = m.generate(input_ids=prompt, attention_mask=pad_mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want)
 
 
 def _packed_loss(model, ids, pos):
