@@ -407,6 +407,14 @@ def test_varlen_attention_matches_masked_sdpa(tiny_dir, monkeypatch, gqa_arg):
         assert torch.allclose(loss, ref, rtol=1e-5)
         for k in ref_grads:
             assert torch.allclose(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6), k
+        # a bidirectional layer never takes the (causal) varlen kernel
+        q = torch.randn(1, 2, 5, 8)
+        mask = torch.ones(1, 1, 5, 5, dtype=torch.bool)
+        kw = {"cu_seq_lens_q": torch.tensor([0, 5], dtype=torch.int32), "max_length_q": 5, "is_causal": False}
+        _reference_varlen.calls = 0
+        out, _ = attention.attention_forward(None, q, q, q, mask, **kw)
+        assert _reference_varlen.calls == 0
+        assert torch.allclose(out, F.scaled_dot_product_attention(q, q, q).transpose(1, 2), atol=1e-6)
         # calls without boundaries (generation with a KV cache and padding, full rows) fall back to SDPA
         _reference_varlen.calls = 0
         prompt = batch["input_ids"][:, :6]

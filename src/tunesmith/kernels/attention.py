@@ -88,8 +88,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     """transformers attention function: (batch, heads, seq, dim) in, ((batch, seq, heads, dim), None) out."""
     cu = kwargs.get("cu_seq_lens_q")
     b, hq, s, d = query.shape
+    causal = kwargs.get("is_causal")
+    if causal is None:
+        causal = getattr(module, "is_causal", True)
     usable = (
-        cu is not None and _state.op is not None and (query.is_cuda or _state.allow_cpu)
+        cu is not None and _state.op is not None and (query.is_cuda or _state.allow_cpu) and causal
         and (query.dtype in (torch.float16, torch.bfloat16) or _state.allow_cpu) and dropout == 0.0 and d % 8 == 0 and d <= 256
         and kwargs.get("sliding_window") is None and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
         and key.shape[2] == s and hq % key.shape[1] == 0
