@@ -83,6 +83,7 @@ class Row:
     tokens_per_s_per_gpu: float | None = None
     scaling_efficiency: float | None = None
     step_s: float | None = None
+    step_s_max: float | None = None  # the slowest timed step: far above step_s means stragglers (new shapes, a slow rank)
     final_loss: float | None = None
     wall_s: float | None = None
     frozen_base: str = ""  # several GPUs: "replicated, data parallel" / "sharded, FSDP2" (from the run's log line)
@@ -248,6 +249,7 @@ def run_one(key: str, method: str, gpus: int, a, log) -> Row:
     row.tokens_per_s_per_gpu = round(tps / gpus, 1)
     gaps = [b["time"] - x["time"] for x, b in itertools.pairwise(recs)][max(0, a.skip - 1):]
     row.step_s = round(statistics.median(gaps), 3) if gaps else None
+    row.step_s_max = round(max(gaps), 3) if gaps else None
     row.final_loss = recs[-1]["loss"]
     for line in (work / "log.txt").read_text(errors="replace").splitlines():
         if "frozen base: " in line:
@@ -291,13 +293,13 @@ def markdown(rep: dict) -> str:
              f"{rep['gpu']} x{rep['gpu_count']} | " + ", ".join(f"{k} {v}" for k, v in rep["versions"].items() if v),
              "", f"`{rep['command']}`", "",
              ("| model | method | GPUs | rows/step x seq | tok/s (all) | tok/s per GPU | scaling eff. | step s | "
-              "final loss | frozen base | status |"),
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---|---|"]
+              "slowest step s | final loss | frozen base | status |"),
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rep["rows"]:
         f = (lambda x, d=0: "-" if x is None else f"{x:,.{d}f}")
         lines.append(f"| {r['model']} | {r['method']} | {r['gpus']} | {r['rows_per_step']} x {r['seq']} | "
                      f"{f(r['tokens_per_s'])} | {f(r['tokens_per_s_per_gpu'])} | {f(r['scaling_efficiency'], 2)} | "
-                     f"{f(r['step_s'], 2)} | {f(r['final_loss'], 3)} | {r.get('frozen_base') or '-'} | "
+                     f"{f(r['step_s'], 2)} | {f(r.get('step_s_max'), 2)} | {f(r['final_loss'], 3)} | {r.get('frozen_base') or '-'} | "
                      f"{r['status']} |")
     return "\n".join(lines) + "\n"
 

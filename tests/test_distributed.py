@@ -251,6 +251,7 @@ def test_bench_fsdp_scaling_runs_on_cpu(tmp_path, monkeypatch):
     (row,) = rep["rows"]
     assert row["status"] == "ok", row["error"]
     assert row["gpus"] == 2 and row["tokens_per_s_per_gpu"] > 0 and row["final_loss"] > 0
+    assert row["step_s_max"] >= row["step_s"] > 0
     assert json.loads((tmp_path / "out" / "fsdp_scaling.json").read_text())["versions"]["torch"]
     assert "| 72b | lora | 2 |" in (tmp_path / "out" / "fsdp_scaling.md").read_text()
 
