@@ -83,7 +83,7 @@ class Row:
     tokens_per_s_per_gpu: float | None = None
     scaling_efficiency: float | None = None
     step_s: float | None = None
-    step_s_max: float | None = None  # the slowest timed step: far above step_s means stragglers (new shapes, a slow rank)
+    step_s_max: float | None = None  # the slowest timed step; far above step_s: stragglers (new shapes, a slow rank)
     final_loss: float | None = None
     wall_s: float | None = None
     frozen_base: str = ""  # several GPUs: "replicated, data parallel" / "sharded, FSDP2" (from the run's log line)
@@ -299,8 +299,8 @@ def markdown(rep: dict) -> str:
         f = (lambda x, d=0: "-" if x is None else f"{x:,.{d}f}")
         lines.append(f"| {r['model']} | {r['method']} | {r['gpus']} | {r['rows_per_step']} x {r['seq']} | "
                      f"{f(r['tokens_per_s'])} | {f(r['tokens_per_s_per_gpu'])} | {f(r['scaling_efficiency'], 2)} | "
-                     f"{f(r['step_s'], 2)} | {f(r.get('step_s_max'), 2)} | {f(r['final_loss'], 3)} | {r.get('frozen_base') or '-'} | "
-                     f"{r['status']} |")
+                     f"{f(r['step_s'], 2)} | {f(r.get('step_s_max'), 2)} | {f(r['final_loss'], 3)} | "
+                     f"{r.get('frozen_base') or '-'} | {r['status']} |")
     return "\n".join(lines) + "\n"
 
 

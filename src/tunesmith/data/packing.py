@@ -99,11 +99,26 @@ def unpacked(samples: list[Rendered], seed: int = 0) -> list[Row]:
 PAD_MULTIPLE = 8
 
 
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
 def padded_width(width: int) -> int:
     """The width a batch that needs a mask is padded to: 9 -> 16, 300 -> 304, 2008 -> 2048 (never less than
     `width`, at most 1/16 more above 256)."""
-    step = max(PAD_MULTIPLE, 1 << max(0, width.bit_length() - 5))
-    return -(-width // step) * step
+    return _round_up(width, max(PAD_MULTIPLE, 1 << max(0, width.bit_length() - 5)))
+
+
+def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sample boundaries of a (batch, width) block of position ids, flattened: a segment starts at every row start
+    and wherever the position id is 0. Returns (int32 cumulative lengths with 0 first and the total last, the
+    longest segment)."""
+    b, w = position_ids.shape
+    starts = position_ids == 0
+    starts[:, 0] = True
+    idx = torch.nonzero(starts.reshape(-1), as_tuple=False).reshape(-1)
+    cu = torch.cat([idx, torch.tensor([b * w])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def collate(rows: list[Row], pad_id: int, coarse: bool = True) -> dict:
@@ -119,7 +134,7 @@ def collate(rows: list[Row], pad_id: int, coarse: bool = True) -> dict:
     width = max(len(r.input_ids) for r in rows)
     masked = any(len(r.input_ids) != width or len(r.lengths) > 1 for r in rows)
     if masked:
-        width = padded_width(width) if coarse else -(-width // PAD_MULTIPLE) * PAD_MULTIPLE
+        width = padded_width(width) if coarse else _round_up(width, PAD_MULTIPLE)
     ids, labels, pos, dmask = [], [], [], []
     for r in rows:
         pad = width - len(r.input_ids)
@@ -133,8 +148,6 @@ def collate(rows: list[Row], pad_id: int, coarse: bool = True) -> dict:
         "position_ids": torch.tensor(pos, dtype=torch.long),
     }
     if masked:
-        from ..kernels.attention import cu_seqlens
-
         out["cu_seqlens"], out["max_seqlen"] = cu_seqlens(out["position_ids"])
     if any(any(r.kl) for r in rows):
         out["kl_mask"] = torch.tensor(dmask, dtype=torch.bool)

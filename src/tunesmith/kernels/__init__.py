@@ -30,10 +30,7 @@ def swap_forward(m: torch.nn.Module, fn) -> bool:
 
 
 def restore_forwards(model: torch.nn.Module) -> None:
-    """Undo every `swap_forward` in `model` (and the attention implementation `apply` chose)."""
-    from .attention import unpatch_varlen
-
-    unpatch_varlen(model)
+    """Undo every `swap_forward` in `model`."""
     for m in model.modules():
         if hasattr(m, ORIG):
             m.forward = getattr(m, ORIG)

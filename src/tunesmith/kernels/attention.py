@@ -61,16 +61,7 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" and _load()
 
 
-def cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sample boundaries of a (batch, width) block of position ids, flattened: a segment starts at every row start
-    and wherever the position id is 0. Returns (int32 cumulative lengths with 0 first and the total last, the
-    longest segment)."""
-    b, w = position_ids.shape
-    starts = position_ids == 0
-    starts[:, 0] = True
-    idx = torch.nonzero(starts.reshape(-1), as_tuple=False).reshape(-1)
-    cu = torch.cat([idx, torch.tensor([b * w])]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
+_VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def _sdpa(*args, **kwargs):
@@ -80,7 +71,10 @@ def _sdpa(*args, **kwargs):
     return sdpa_attention_forward(*args, **kwargs)
 
 
-_VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+def _hf_config(model):
+    """The transformers config of `model`, PEFT-wrapped or not (None if it has none)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(hf, "config", None)
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -93,7 +87,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         causal = getattr(module, "is_causal", True)
     usable = (
         cu is not None and _state.op is not None and (query.is_cuda or _state.allow_cpu) and causal
-        and (query.dtype in (torch.float16, torch.bfloat16) or _state.allow_cpu) and dropout == 0.0 and d % 8 == 0 and d <= 256
+        and (query.dtype in (torch.float16, torch.bfloat16) or _state.allow_cpu)
+        and dropout == 0.0 and d % 8 == 0 and d <= 256
         and kwargs.get("sliding_window") is None and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
         and key.shape[2] == s and hq % key.shape[1] == 0
         and (_state.scale_arg or scaling is None or abs(scaling - d ** -0.5) < 1e-6)
@@ -132,7 +127,7 @@ def patch_varlen(model) -> bool:
     if not _load() and not _state.allow_cpu:
         return False
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = getattr(hf, "config", None)
+    cfg = _hf_config(model)
     if cfg is None or getattr(cfg, "_attn_implementation", None) not in ("sdpa", NAME):
         return False
     if not getattr(hf, "_supports_attention_backend", False):
@@ -143,9 +138,8 @@ def patch_varlen(model) -> bool:
 
 
 def unpatch_varlen(model) -> None:
-    """Back to SDPA (for a model that is saved or served after training)."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = getattr(hf, "config", None)
+    """Back to SDPA."""
+    cfg = _hf_config(model)
     if cfg is not None and getattr(cfg, "_attn_implementation", None) == NAME:
         cfg._attn_implementation = "sdpa"
 
@@ -156,8 +150,7 @@ def decoder_kwargs(model, batch: dict) -> dict:
     cu = batch.get("cu_seqlens")
     if cu is None:
         return {}
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(getattr(hf, "config", None), "_attn_implementation", None) != NAME:
+    if getattr(_hf_config(model), "_attn_implementation", None) != NAME:
         return {}
     m = int(batch["max_seqlen"])
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": m, "max_length_k": m}

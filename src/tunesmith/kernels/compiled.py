@@ -16,9 +16,9 @@ padded to one of a few widths, all multiples of 8 (`data.packing.padded_width`).
 How it plugs in: the layers already run through tunesmith's checkpoint function (:mod:`.offload`), which calls
 each layer's body twice (forward without gradients, then the recompute in the backward pass). That call goes
 through `_guarded` here (set as `offload._state.call`), so the checkpoint's RNG/autocast replay and host offload
-stay outside the compiled graph and the graph holds exactly one layer. The LoRA function (:mod:`.lora`) is traced into it,
-backward pass included; random ops follow eager PyTorch's generator (``fallback_random``), so LoRA dropout draws
-the same mask in the forward pass and the recompute.
+stay outside the compiled graph and the graph holds exactly one layer. The LoRA function (:mod:`.lora`) is traced
+into it, backward pass included; random ops follow eager PyTorch's generator (``fallback_random``), so LoRA
+dropout draws the same mask in the forward pass and the recompute.
 
 Reference: the same layers run eagerly (``tests/test_kernels.py`` compares losses and every gradient). If
 compiling or running the graph fails (no working Triton toolchain, an unsupported layer), training warns once

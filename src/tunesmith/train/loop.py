@@ -71,7 +71,8 @@ class _PhaseTimer:
     def flush(self, step: int) -> None:
         total = sum(s for _, s in self.parts)
         body = " ".join(f"{n} {1e3 * s:.1f}" for n, s in self.parts)
-        print(f"[timing] rank {self.rank} step {step}: {body} | total {1e3 * total:.1f} ms", file=sys.stderr, flush=True)
+        print(f"[timing] rank {self.rank} step {step}: {body} | total {1e3 * total:.1f} ms", file=sys.stderr,
+              flush=True)
         self.parts = []
 
 
