@@ -423,14 +423,14 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
             step_peaks: list[float] = []  # GiB allocated at most during each step (where each step's peak lies)
             trace = os.environ.get("TS_BENCH_MEMTRACE") if device.type == "cuda" else None
             if trace:
-                torch.cuda.memory._record_memory_history(max_entries=250000)
+                torch.cuda.memory._record_memory_history(max_entries=400000, stacks="python")
 
             def step_hook(self, step, *a, _orig=orig_step, **k):
                 _orig(self, step, *a, **k)
                 if device.type == "cuda" and os.environ.get("TS_BENCH_STEPPEAKS"):  # diagnosis only: resets the peak
                     step_peaks.append(round(torch.cuda.max_memory_allocated(device) / 2**30, 3))
                     torch.cuda.reset_peak_memory_stats(device)
-                if trace and step == 2:  # model load and the first two steps (compiling included)
+                if trace and step == 3:  # model load, the first two steps (compiling included) and a steady one
                     torch.cuda.memory._dump_snapshot(f"{trace}-{cmd['shape']}-{cmd['method']}-{wl}.pickle")
                     torch.cuda.memory._record_memory_history(enabled=None)
                 if prof is not None and step == warm:

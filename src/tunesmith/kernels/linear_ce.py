@@ -13,6 +13,8 @@ The reference is ``F.cross_entropy(F.linear(h, W).float(), t, reduction="sum")``
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -45,8 +47,11 @@ def _chunk_grad_fn():
 
 
 def default_chunk(vocab: int) -> int:
-    """Rows per chunk: about 32M fp32 logits (128 MiB) whatever the vocabulary, at least 128 rows."""
-    return max(128, (1 << 25) // max(1, vocab))
+    """Rows per chunk: about 32M fp32 logits (128 MiB) whatever the vocabulary, at least 128 rows.
+
+    ``TUNESMITH_CE_CHUNK_MIB`` sets another size (for benchmark A/B runs: bench/README.md)."""
+    mib = float(os.environ.get("TUNESMITH_CE_CHUNK_MIB") or 128)
+    return max(128, int(mib * (1 << 18)) // max(1, vocab))
 
 
 class _LinearCE(torch.autograd.Function):
