@@ -250,15 +250,17 @@ def _ckpt_loss_and_grads(model, ids):
     return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
-def test_compiled_layers_match_eager_layers(tiny_dir):
-    """QLoRA with LoRA dropout, two sequence lengths: compiled layer bodies give the eager losses and gradients."""
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+def test_compiled_layers_match_eager_layers(tiny_dir, dropout):
+    """QLoRA, two sequence lengths: compiled layer bodies give the eager losses and gradients. With LoRA dropout
+    the LoRA terms are added as in eager mode; without it, the wide ones run as one joined matmul."""
     pytest.importorskip("bitsandbytes")
     from tunesmith import kernels
     from tunesmith.kernels import compiled
 
     cpu = torch.device("cpu")
-    ref = _ckpt_lora_model(tiny_dir, "qlora", 0.1)
-    got = _ckpt_lora_model(tiny_dir, "qlora", 0.1)
+    ref = _ckpt_lora_model(tiny_dir, "qlora", dropout)
+    got = _ckpt_lora_model(tiny_dir, "qlora", dropout)
     assert kernels.apply(ref, device=cpu, method="qlora", kernels="auto") == ["linear-ce", "lora"]
     assert kernels.apply(got, device=cpu, method="qlora", kernels="auto", compile_layers=True) == \
         ["linear-ce", "lora", "compiled-layers"]
@@ -501,3 +503,18 @@ def test_compiled_qlora_layers_do_not_keep_dequantised_weights(tmp_path, smollm2
         assert got <= eager < got + weights, (got, eager)
     finally:
         compiled.disable()
+
+
+def test_cross_entropy_chunks_grow_with_the_layer_activations(monkeypatch):
+    """Chunks of the fused loss: 128 MiB of fp32 logits by default, up to the size of two of a layer's widest
+    activations (1 GiB at most), or what TUNESMITH_CE_CHUNK_MIB says."""
+    from tunesmith.kernels.linear_ce import default_chunk
+
+    monkeypatch.delenv("TUNESMITH_CE_CHUNK_MIB", raising=False)
+    assert default_chunk(92544) == (128 << 20) // (4 * 92544)
+    assert default_chunk(92544, 2 * 8192 * 8192 * 2) == (256 << 20) // (4 * 92544)  # InternLM2-1.8B, 8k tokens
+    assert default_chunk(92544, 1 << 20) == default_chunk(92544)  # small batches keep the 128 MiB floor
+    assert default_chunk(151936, 1 << 40) == (1 << 30) // (4 * 151936)
+    assert default_chunk(10 ** 9) == 128
+    monkeypatch.setenv("TUNESMITH_CE_CHUNK_MIB", "512")
+    assert default_chunk(92544, 1 << 40) == (512 << 20) // (4 * 92544)

@@ -46,12 +46,18 @@ def _chunk_grad_fn():
     return _compiled_grad
 
 
-def default_chunk(vocab: int) -> int:
+def default_chunk(vocab: int, layer_bytes: int = 0) -> int:
     """Rows per chunk: about 32M fp32 logits (128 MiB) whatever the vocabulary, at least 128 rows.
 
-    ``TUNESMITH_CE_CHUNK_MIB`` sets another size (for benchmark A/B runs: bench/README.md)."""
-    mib = float(os.environ.get("TUNESMITH_CE_CHUNK_MIB") or 128)
-    return max(128, int(mib * (1 << 18)) // max(1, vocab))
+    With the compiled chunk function (bf16 logits in, bf16 gradient out: 4 bytes a logit in all), chunks may
+    grow to ``layer_bytes``, the size of two of a decoder layer's widest activations (tokens x intermediate
+    size, bf16): the backward pass through a layer holds more than that at once anyway, while the logits are
+    gone by then, so bigger chunks do not raise the step's peak; they make the output projection's matmuls
+    bigger (measured: bench/RESULTS.md, sixth run). ``TUNESMITH_CE_CHUNK_MIB`` sets the size outright (A/B runs).
+    """
+    mib = os.environ.get("TUNESMITH_CE_CHUNK_MIB")
+    budget = float(mib) * (1 << 20) if mib else max(128 << 20, min(layer_bytes, 1 << 30))
+    return max(128, int(budget) // (4 * max(1, vocab)))
 
 
 class _LinearCE(torch.autograd.Function):
@@ -95,13 +101,14 @@ class _LinearCE(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int | None = None) -> torch.Tensor:
+                         chunk: int | None = None, layer_bytes: int = 0) -> torch.Tensor:
     """Sum of cross-entropy of ``h @ weight.T`` against ``targets`` (no ignored positions: select them first).
 
     Under autocast the matmuls run in the autocast dtype, as ``F.linear`` would; the softmax is fp32.
+    `layer_bytes`: see :func:`default_chunk` (used only with the compiled chunk function).
     """
     if chunk is None:
-        chunk = default_chunk(weight.shape[0])
+        chunk = default_chunk(weight.shape[0], layer_bytes if _chunk_grad_fn() is not None else 0)
     if torch.is_autocast_enabled(h.device.type):
         compute_dtype = torch.get_autocast_dtype(h.device.type)
     else:

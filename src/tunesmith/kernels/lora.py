@@ -61,6 +61,15 @@ def _dequant(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype)
 
 
+# Inside compiled layers, where a LoRA term is as wide as the product it is added to, both run as one matmul over
+# the joined inner dimension: x W^T + (s xA^T) B^T = [x | s xA^T] [W | B]^T in the forward pass of a layer whose
+# output is wider than its input (gate/up), g W + (s gB) A = [g | s gB] [W ; A] for the input gradient of one whose
+# input is wider (down, k/v). Traced, the in-place addmm_ of the eager path becomes a copy, and the plain sum holds
+# two outputs at once: the down projection's input gradient (tokens x intermediate size) was two such buffers at
+# the backward pass's peak (bench/RESULTS.md, sixth run). Joined, the temporaries are the narrow joined inputs,
+# and the sum accumulates in fp32 inside the one GEMM.
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, bias, base, scaling, cd, p):
@@ -68,10 +77,6 @@ class _LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1]).to(cd)
         ac, bc = a.to(cd), b.to(cd)
         w = _dequant(base, cd)
-        y = x2 @ w.t()
-        del w
-        if bias is not None:
-            y += bias.to(cd)
         mask = None
         if p > 0.0:  # LoRA dropout on the adapter's input only (the base sees x as is), as PEFT does
             mask = torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
@@ -79,12 +84,20 @@ class _LoraLinear(torch.autograd.Function):
         else:
             xd = x2
         xa = xd @ ac.t()
-        if torch.compiler.is_compiling():
-            # traced: an in-place addmm_ becomes an out-of-place addmm that first copies y (a device-to-device
-            # copy of the output per layer call, profiled); a plain add fuses with the bias into one kernel
-            y = y + (xa @ bc.t()) * scaling
-        else:
+        if not torch.compiler.is_compiling():
+            y = x2 @ w.t()
+            w = None  # a dequantised NF4 weight: free it before the adapter's matmuls
+            if bias is not None:
+                y += bias.to(cd)
             y.addmm_(xa, bc.t(), alpha=scaling)
+        else:
+            if w.shape[0] > w.shape[1] and mask is None:  # output wider than input (gate/up): one GEMM (above)
+                y = torch.cat((x2, xa * scaling), 1) @ torch.cat((w, bc), 1).t()
+            else:  # a plain add fuses with the bias into one kernel
+                y = x2 @ w.t() + (xa @ bc.t()) * scaling
+            if bias is not None:
+                y = y + bias.to(cd)
+        w = None
         ctx.save_for_backward(xd, xa, ac, bc, mask)
         ctx.base, ctx.scaling, ctx.cd, ctx.p = base, scaling, cd, p
         ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = x.dtype, a.dtype, b.dtype
@@ -104,14 +117,16 @@ class _LoraLinear(torch.autograd.Function):
             grad_a = (gb.t() @ xd).mul_(s).to(ctx.a_dtype)
         if ctx.needs_input_grad[0]:
             w = _dequant(ctx.base, ctx.cd)
-            grad_x = g2 @ w
-            del w
-            if mask is None and torch.compiler.is_compiling():
-                grad_x = grad_x + (gb @ ac) * s  # see forward: no copy of grad_x before the addmm
-            elif mask is None:
-                grad_x.addmm_(gb, ac, alpha=s)
+            if mask is None and torch.compiler.is_compiling():  # see forward
+                grad_x = (torch.cat((g2, gb * s), 1) @ torch.cat((w, ac), 0) if w.shape[1] > w.shape[0]
+                          else g2 @ w + (gb @ ac) * s)
             else:
-                grad_x += (gb @ ac).mul_(mask).mul_(s / (1.0 - ctx.p))
+                grad_x = g2 @ w
+                if mask is None:
+                    grad_x.addmm_(gb, ac, alpha=s)
+                else:
+                    grad_x += (gb @ ac).mul_(mask).mul_(s / (1.0 - ctx.p))
+            del w
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, grad_a, grad_b, None, None, None, None, None
 

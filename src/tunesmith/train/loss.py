@@ -77,7 +77,10 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int | None 
     if n and fused:
         from ..kernels.linear_ce import linear_cross_entropy
 
-        total = total + linear_cross_entropy(h, head.weight, t, asked)
+        cfg = getattr(model, "config", None)
+        inter = getattr(cfg, "intermediate_size", None) or 4 * hidden.shape[-1]
+        total = total + linear_cross_entropy(h, head.weight, t, asked,
+                                             layer_bytes=2 * hidden.shape[0] * hidden.shape[1] * inter * 2)
     elif n:
         for i in range(0, n, chunk):
             hi, ti = h[i:i + chunk], t[i:i + chunk]
