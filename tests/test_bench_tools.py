@@ -1,0 +1,40 @@
+"""bench/memtrace_peak.py on a hand-made allocation history (the GPU writes the real ones)."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
+
+
+def _frames(line: int, name: str) -> list[dict]:
+    return [{"filename": "/x/site-packages/torch/nn/functional.py", "line": 1, "name": "linear"},
+            {"filename": "/w/src/tunesmith/kernels/lora.py", "line": line, "name": name}]
+
+
+def test_memtrace_peak_reports_what_is_alive_at_the_peak(tmp_path):
+    events = [
+        {"action": "alloc", "addr": 1, "size": 100 * MiB, "frames": _frames(10, "forward"), "time_us": 1},
+        {"action": "alloc", "addr": 2, "size": 300 * MiB, "frames": _frames(20, "backward"), "time_us": 2},
+        {"action": "free_requested", "addr": 1, "size": 100 * MiB, "time_us": 3},
+        {"action": "free_completed", "addr": 1, "size": 100 * MiB, "time_us": 3},
+        {"action": "alloc", "addr": 3, "size": 50 * MiB, "frames": _frames(10, "forward"), "time_us": 4},
+        {"action": "free_requested", "addr": 9, "size": 1000 * MiB, "time_us": 5},  # allocated before recording
+    ]
+    segments = [{"blocks": [{"address": 2, "size": 300 * MiB, "state": "active_allocated"},
+                            {"address": 7, "size": 20 * MiB, "state": "active_allocated"}]}]
+    trace = tmp_path / "t.pickle"
+    trace.write_bytes(pickle.dumps({"device_traces": [events], "segments": segments}))
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "memtrace_peak.py"), str(trace)],
+                         capture_output=True, text=True, check=True).stdout
+    # peak: the two blocks from before recording (1000 + 20) + 100 + 300 MiB, reached by the 300 MiB allocation
+    assert f"peak {(1420 * MiB) / 2**30:.3f} GiB allocated at event 1" in out
+    lines = out.splitlines()
+    assert any("1020.0" in ln and "live before recording began" in ln for ln in lines)
+    assert any("300.0" in ln and "tunesmith/kernels/lora.py:20 backward" in ln for ln in lines)
+    assert any("100.0" in ln and "tunesmith/kernels/lora.py:10 forward" in ln for ln in lines)
+    assert "the allocation that reached the peak: 300.0 MiB" in out
