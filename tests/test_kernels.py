@@ -120,10 +120,10 @@ def test_lora_function_matches_peft(tiny_dir, method):
 
 
 def test_lora_dropout_matches_a_masked_reference():
-    """Dropout on the adapter input: same Bernoulli draw as a plain-autograd reference, same values and grads."""
+    """Dropout on the adapter input: the same keep mask in a plain-autograd reference, same values and grads."""
     import torch.nn as nn
 
-    from tunesmith.kernels.lora import lora_linear
+    from tunesmith.kernels.lora import dropout_key, keep_mask, lora_linear
 
     torch.manual_seed(0)
     base = nn.Linear(24, 40)
@@ -137,7 +137,7 @@ def test_lora_dropout_matches_a_masked_reference():
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, a, b), g)
     torch.manual_seed(5)
-    mask = torch.empty(21, 24, dtype=torch.bool).bernoulli_(1 - p).view(3, 7, 24)
+    mask = keep_mask((21, 24), dropout_key(x.device, 0), p).view(3, 7, 24)
     ref = base(x) + s * F.linear(F.linear(x * mask / (1 - p), a), b)
     want = torch.autograd.grad(ref, (x, a, b), g)
     assert 0.5 < mask.float().mean() < 0.9
@@ -252,8 +252,9 @@ def _ckpt_loss_and_grads(model, ids):
 
 @pytest.mark.parametrize("dropout", [0.1, 0.0])
 def test_compiled_layers_match_eager_layers(tiny_dir, dropout):
-    """QLoRA, two sequence lengths: compiled layer bodies give the eager losses and gradients. With LoRA dropout
-    the LoRA terms are added as in eager mode; without it, the wide ones run as one joined matmul."""
+    """QLoRA, two sequence lengths, with and without LoRA dropout: compiled layer bodies (the wide LoRA terms
+    joined into one matmul) give the eager losses and gradients. With dropout this needs the same masks in the
+    forward pass and the recompute, whatever order Inductor runs the layer's random ops in."""
     pytest.importorskip("bitsandbytes")
     from tunesmith import kernels
     from tunesmith.kernels import compiled

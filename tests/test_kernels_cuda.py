@@ -71,7 +71,7 @@ def test_linear_ce_cuda_bf16():
     assert _rel(g1, g0) < 2e-2
 
 
-def _tiny_qwen(method):
+def _tiny_qwen(method, dropout=0.0):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     from tunesmith.config import LoraCfg
@@ -86,7 +86,7 @@ def _tiny_qwen(method):
     d = tempfile.mkdtemp()
     AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
     m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16, device_map={"": 0}, **kw)
-    m = add_lora(m, LoraCfg(r=16, alpha=32, dropout=0.0), grad_checkpointing=True)
+    m = add_lora(m, LoraCfg(r=16, alpha=32, dropout=dropout), grad_checkpointing=True)
     for n, p in m.named_parameters():
         if "lora_B" in n:
             p.data.normal_(0, 0.05)
@@ -124,7 +124,7 @@ def test_lora_function_and_offload_cuda(method):
 def test_lora_dropout_cuda_bf16_matches_masked_reference():
     import torch.nn as nn
 
-    from tunesmith.kernels.lora import lora_linear
+    from tunesmith.kernels.lora import dropout_key, keep_mask, lora_linear
 
     torch.manual_seed(0)
     base = nn.Linear(512, 768, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
@@ -138,7 +138,7 @@ def test_lora_dropout_cuda_bf16_matches_masked_reference():
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, a, b), g)
     torch.manual_seed(7)
-    mask = torch.empty(1024, 512, dtype=torch.bool, device="cuda").bernoulli_(1 - p).view(4, 256, 512)
+    mask = keep_mask((1024, 512), dropout_key(x.device, 0), p).view(4, 256, 512)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         ref = base(x) + s * F.linear(F.linear(x * mask / (1 - p), a), b)
     want = torch.autograd.grad(ref, (x, a, b), g)
@@ -161,10 +161,10 @@ def test_nf4_dequant_in_plain_ops_equals_bitsandbytes_cuda():
         assert _rel(traced, want) < 1e-3  # Inductor may fuse the absmax multiply-add (one fp32 rounding)
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_compiled_layers_cuda_full_and_packed_batches(method):
-    """Compiled layer bodies (NF4 dequantised in the graph, LoRA add fused) against eager layers, on mask-free
-    and on packed batches."""
+@pytest.mark.parametrize("method,dropout", [("lora", 0.0), ("qlora", 0.0), ("lora", 0.1)])
+def test_compiled_layers_cuda_full_and_packed_batches(method, dropout):
+    """Compiled layer bodies (NF4 dequantised in the graph, wide LoRA terms joined into one matmul) against eager
+    layers, on mask-free and on packed batches; with LoRA dropout, the same masks in both (each step seeded)."""
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
     from tunesmith import kernels
@@ -172,12 +172,13 @@ def test_compiled_layers_cuda_full_and_packed_batches(method):
     from tunesmith.models.load import enable_checkpointing
     from tunesmith.train.loss import causal_lm_loss_sum
 
-    m = _tiny_qwen(method)
+    m = _tiny_qwen(method, dropout)
     enable_checkpointing(m, offload=True)
     kernels.apply(m, device=torch.device("cuda"), method=method, kernels="auto", compile_layers=False)
 
     def step(ids, pos):
         m.zero_grad(set_to_none=True)
+        torch.manual_seed(11)  # the layers' dropout seeds
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, _ = causal_lm_loss_sum(m, {"input_ids": ids, "position_ids": pos, "labels": ids}, None, True)
         loss.backward()
@@ -252,7 +253,7 @@ def test_varlen_attention_in_training_cuda(method):
     from tunesmith.models.load import enable_checkpointing
     from tunesmith.train.loss import causal_lm_loss_sum
 
-    m = _tiny_qwen(method)
+    m = _tiny_qwen(method, dropout)
     enable_checkpointing(m, offload=True)
     used = kernels.apply(m, device=torch.device("cuda"), method=method, kernels="auto", compile_layers=False)
     if "varlen-attn" not in used:

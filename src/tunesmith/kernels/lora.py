@@ -8,7 +8,12 @@ backward pass. Here the frozen base matmul and the low-rank update are three mat
     dB = s · g^T (x A^T)      dA = s · (g B)^T x      dx = g W + s · (g B) A
 
 LoRA dropout (``lora.dropout > 0``) applies to the adapter's input only, as in PEFT: ``x`` above becomes
-``m ⊙ x / (1 - p)`` with a Bernoulli mask ``m`` (kept, 1 byte an element, for ``dx``).
+``m ⊙ x / (1 - p)`` with a keep mask ``m`` that is a pure function of a key and the element's index
+(:func:`keep_mask`), made again in the backward pass instead of kept. The key is a random seed per decoder-layer
+call (drawn by tunesmith's checkpoint function, so the recompute uses the same one; drawn here otherwise) mixed
+with the module's place in the layer. So the masks do not depend on the order in which random ops run: inside
+compiled layers Inductor may order them differently in the forward graph and in the recompute graph (seen on the
+CPU), which would pair each output with a different mask in the backward pass.
 
 The base weight may be a plain (frozen) tensor or a bitsandbytes NF4 ``Params4bit``, dequantised in the forward
 pass and again in the backward pass (nothing dequantised is kept). Adapters keep fp32 master weights; the
@@ -18,6 +23,9 @@ another dropout or base layer type) keeps PEFT's own forward. The reference is P
 """
 
 from __future__ import annotations
+
+import re
+import zlib
 
 import torch
 import torch.nn as nn
@@ -61,6 +69,51 @@ def _dequant(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype)
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift / multiply rounds) on int64 tensors holding values below 2**32; the
+    multipliers are below 2**31, so no product leaves int64."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _M32
+    h = h ^ (h >> 15)
+    h = (h * 0x2C1B3C6D) & _M32
+    return h ^ (h >> 16)
+
+
+def keep_mask(shape: tuple[int, ...], key: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout's keep mask (True with probability ``1 - p``) as a pure function of ``key`` (a 0-d int64 tensor
+    below 2**31) and each element's index: the same on every call, in eager or compiled code, on any device."""
+    n = 1
+    for d in shape:
+        n *= d
+    idx = torch.arange(n, device=key.device, dtype=torch.int64)
+    k = _mix32((key + (idx >> 32)) & _M32)  # index bits above 32 go into the key: masks of any size
+    h = _mix32(_mix32((idx & _M32) ^ k) ^ k)
+    return (h < int((1.0 - p) * 2 ** 32)).view(shape)
+
+
+def _keep(shape: tuple[int, ...], key: torch.Tensor, p: float) -> torch.Tensor:
+    """:func:`keep_mask`, compiled into one kernel on CUDA outside compiled layers: eagerly it would hold several
+    int64 temporaries the size of the input (inside compiled layers Inductor fuses it with the layer)."""
+    from .fused import _fn
+
+    return _fn("keep_mask", keep_mask, key.device)(shape, key, p)
+
+
+def dropout_key(device: torch.device, salt: int) -> torch.Tensor:
+    """The key of one module call: the decoder layer's seed when tunesmith's checkpoint function set one (it
+    sets the same one again for the recompute), else a fresh draw from the device's generator (replayed by
+    torch's own checkpointing); mixed with `salt`, the module's place in the layer."""
+    from . import offload
+
+    seed = offload.layer_seed(device)
+    if seed is None:
+        seed = torch.randint(0, 2 ** 31, (), device=device, dtype=torch.int64)
+    return _mix32(seed ^ salt) & 0x7FFFFFFF
+
+
 # Inside compiled layers, where a LoRA term is as wide as the product it is added to, both run as one matmul over
 # the joined inner dimension: x W^T + (s xA^T) B^T = [x | s xA^T] [W | B]^T in the forward pass of a layer whose
 # output is wider than its input (gate/up), g W + (s gB) A = [g | s gB] [W ; A] for the input gradient of one whose
@@ -70,16 +123,19 @@ def _dequant(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 # and the sum accumulates in fp32 inside the one GEMM.
 
 
+SALT = "_tunesmith_dropout_salt"
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, a, b, bias, base, scaling, cd, p):
+    def forward(ctx, x, a, b, bias, base, scaling, cd, p, key):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(cd)
         ac, bc = a.to(cd), b.to(cd)
         w = _dequant(base, cd)
         mask = None
         if p > 0.0:  # LoRA dropout on the adapter's input only (the base sees x as is), as PEFT does
-            mask = torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
+            mask = _keep(tuple(x2.shape), key, p)
             xd = x2 * mask * (1.0 / (1.0 - p))
         else:
             xd = x2
@@ -91,14 +147,14 @@ class _LoraLinear(torch.autograd.Function):
                 y += bias.to(cd)
             y.addmm_(xa, bc.t(), alpha=scaling)
         else:
-            if w.shape[0] > w.shape[1] and mask is None:  # output wider than input (gate/up): one GEMM (above)
+            if w.shape[0] > w.shape[1]:  # output wider than input (gate/up): one GEMM (see above)
                 y = torch.cat((x2, xa * scaling), 1) @ torch.cat((w, bc), 1).t()
             else:  # a plain add fuses with the bias into one kernel
                 y = x2 @ w.t() + (xa @ bc.t()) * scaling
             if bias is not None:
                 y = y + bias.to(cd)
         w = None
-        ctx.save_for_backward(xd, xa, ac, bc, mask)
+        ctx.save_for_backward(xd, xa, ac, bc, key if mask is not None else None)  # the mask is made again
         ctx.base, ctx.scaling, ctx.cd, ctx.p = base, scaling, cd, p
         ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = x.dtype, a.dtype, b.dtype
         ctx.x_shape = shape
@@ -106,7 +162,8 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        xd, xa, ac, bc, mask = ctx.saved_tensors
+        xd, xa, ac, bc, key = ctx.saved_tensors
+        mask = None if key is None else _keep(tuple(xd.shape), key, ctx.p)
         s = ctx.scaling
         g2 = g.reshape(-1, g.shape[-1]).to(ctx.cd)
         gb = g2 @ bc  # n x r
@@ -128,15 +185,19 @@ class _LoraLinear(torch.autograd.Function):
                     grad_x += (gb @ ac).mul_(mask).mul_(s / (1.0 - ctx.p))
             del w
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None
 
 
-def lora_linear(x, a, b, bias, base, scaling, dropout: float = 0.0):
-    """``x W^T (+ bias) + scaling · (dropout(x) A^T) B^T`` with the backward pass written out (see the module)."""
+def lora_linear(x, a, b, bias, base, scaling, dropout: float = 0.0, salt: int = 0):
+    """``x W^T (+ bias) + scaling · (dropout(x) A^T) B^T`` with the backward pass written out (see the module).
+
+    `salt`: the module's place in its decoder layer (:func:`patch_lora`), which keeps the dropout masks of the
+    layer's modules apart."""
     dev = x.device.type
     cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype, a.dtype)
+    key = dropout_key(x.device, salt) if dropout > 0.0 else None
     with torch.autocast(dev, enabled=False):
-        return _LoraLinear.apply(x, a, b, bias, base, scaling, cd, float(dropout))
+        return _LoraLinear.apply(x, a, b, bias, base, scaling, cd, float(dropout), key)
 
 
 def _plain_base(base: nn.Module) -> bool:
@@ -168,7 +229,8 @@ def _fast_forward(self, x, *args, **kwargs):
     base = self.base_layer
     if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
         return self._orig_forward(x, *args, **kwargs)  # bitsandbytes' CPU inference layout: its own kernel
-    return lora_linear(x, self.lora_A[name].weight, self.lora_B[name].weight, base.bias, base, self.scaling[name], p)
+    return lora_linear(x, self.lora_A[name].weight, self.lora_B[name].weight, base.bias, base, self.scaling[name], p,
+                       getattr(self, SALT, 0))
 
 
 def patch_lora(model: nn.Module) -> int:
@@ -185,8 +247,11 @@ def patch_lora(model: nn.Module) -> int:
     except ImportError:
         pass
     n = 0
-    for m in model.modules():
+    for name, m in model.named_modules():
         if type(m) in kinds and _plain_base(m.base_layer):
+            # the same in every layer (one compiled graph serves them all); apart between a layer's modules
+            where = re.split(r"\.\d+\.", name)[-1]
+            setattr(m, SALT, zlib.crc32(where.encode()) & 0x7FFFFFFF)
             n += swap_forward(m, _fast_forward)
     return n
 

@@ -59,9 +59,31 @@ class _State:
     stream = None
     last: "_Stash | None" = None
     call = None  # set by kernels.compiled: runs each layer's body through torch.compile
+    in_layer = False  # inside a checkpointed layer call: `seed` holds the call's dropout seed
+    seed: "torch.Tensor | None" = None  # one 0-d int64 tensor, refilled for every layer call (forward, recompute)
 
 
 _state = _State()
+
+
+def layer_seed(device: torch.device) -> "torch.Tensor | None":
+    """The dropout seed of the checkpointed layer call being run, on `device` (see kernels.lora.dropout_key)."""
+    if not _state.in_layer or _state.seed is None or _state.seed.device != device:
+        return None
+    return _state.seed
+
+
+def _run_layer(seed: int, device: torch.device, fn, *args):
+    """`fn(*args)` with `seed` as the layer's dropout seed (the same number in the forward pass and the
+    recompute, so the LoRA dropout masks match whatever order the random ops run in)."""
+    if _state.seed is None or _state.seed.device != device:
+        _state.seed = torch.zeros((), dtype=torch.int64, device=device)
+    _state.seed.fill_(seed)
+    _state.in_layer = True
+    try:
+        return fn(*args)
+    finally:
+        _state.in_layer = False
 
 
 def _copy_stream(device: torch.device):
@@ -76,6 +98,7 @@ class _OffloadCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, x, *rest):
         dev = x.device.type
+        ctx.seed = int(torch.randint(0, 2 ** 31, ()).item())  # before the RNG state is saved: replays match
         ctx.run = run
         ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)) if dev != "cpu" else (False, None)
         ctx.dev = dev
@@ -86,7 +109,7 @@ class _OffloadCheckpoint(torch.autograd.Function):
         _state.last = ctx.stash
         ctx.rest = rest
         with torch.no_grad():
-            out = _call(run, x, *rest)
+            out = _run_layer(ctx.seed, x.device, _call, run, x, *rest)
         ctx.tuple_out = isinstance(out, tuple)
         return out
 
@@ -118,7 +141,8 @@ def _replay(ctx, x0, grads, call):
         if ctx.cuda_rng is not None:
             torch.cuda.set_rng_state(ctx.cuda_rng, devs[0])
         with torch.enable_grad(), torch.autocast(ctx.dev, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
-            out = ctx.run(x, *ctx.rest) if call is None else call(ctx.run, x, *ctx.rest)
+            out = (_run_layer(ctx.seed, x.device, ctx.run, x, *ctx.rest) if call is None
+                   else _run_layer(ctx.seed, x.device, call, ctx.run, x, *ctx.rest))
     outs = out if ctx.tuple_out else (out,)
     pairs = [(o, g) for o, g in zip(outs, grads)
              if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
