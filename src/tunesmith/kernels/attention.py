@@ -127,7 +127,7 @@ def patch_varlen(model) -> bool:
     if not _load() and not _state.allow_cpu:
         return False
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = _hf_config(model)
+    cfg = getattr(hf, "config", None)
     if cfg is None or getattr(cfg, "_attn_implementation", None) not in ("sdpa", NAME):
         return False
     if not getattr(hf, "_supports_attention_backend", False):

@@ -17,8 +17,10 @@ How it plugs in: the layers already run through tunesmith's checkpoint function 
 each layer's body twice (forward without gradients, then the recompute in the backward pass). That call goes
 through `_guarded` here (set as `offload._state.call`), so the checkpoint's RNG/autocast replay and host offload
 stay outside the compiled graph and the graph holds exactly one layer. The LoRA function (:mod:`.lora`) is traced
-into it, backward pass included; random ops follow eager PyTorch's generator (``fallback_random``), so LoRA
-dropout draws the same mask in the forward pass and the recompute.
+into it, backward pass included. Its dropout masks are a hash of the layer call's seed (set by the checkpoint
+function for the forward pass and the recompute alike), so they match whatever order Inductor runs random ops
+in; other random ops in the layer follow eager PyTorch's generator (``fallback_random``), replayed by the
+checkpoint.
 
 Reference: the same layers run eagerly (``tests/test_kernels.py`` compares losses and every gradient). If
 compiling or running the graph fails (no working Triton toolchain, an unsupported layer), training warns once
@@ -51,8 +53,8 @@ def _guarded(run, *args):
         # in its forward pass and again in its backward pass; merged, the partitioner kept every dequantised
         # weight of the layer from the recompute to the backward pass (a layer's worth of bf16 weights more at
         # the peak) instead of dequantising again, which costs one fused kernel per weight.
-        # TUNESMITH_COMPILE_CSE=1 merges them again (for A/B runs; the GPU speed cost of dequantising twice is
-        # not yet measured on its own: bench/RESULTS.md, fifth run).
+        # TUNESMITH_COMPILE_CSE=1 merges them again, for A/B runs (sixth run, bench/RESULTS.md: merged is
+        # 1.5-5 % faster and 0.09-0.31 GiB heavier on the QLoRA rows).
         with torch._functorch.config.patch(cse=os.environ.get("TUNESMITH_COMPILE_CSE") == "1"):
             return _compiled(run, *args)
     except Exception as e:  # noqa: BLE001 — a compiler failure must not end the run
@@ -66,7 +68,7 @@ def enable() -> None:
     import torch._dynamo.config as dcfg
     import torch._inductor.config as icfg
 
-    icfg.fallback_random = True  # dropout in the graph draws from PyTorch's generator: replayable
+    icfg.fallback_random = True  # random ops in the graph draw from PyTorch's generator: replayable
     # one graph per (grad mode, with/without mask); every layer reuses it — leave room for a few variants
     dcfg.recompile_limit = max(getattr(dcfg, "recompile_limit", 8), 32)
     if _compiled is None:

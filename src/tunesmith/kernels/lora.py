@@ -30,7 +30,8 @@ import zlib
 import torch
 import torch.nn as nn
 
-from . import restore_forwards, swap_forward
+from . import offload, restore_forwards, swap_forward
+from .fused import _fn
 
 
 def nf4_dequant_torch(packed: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
@@ -97,8 +98,6 @@ def keep_mask(shape: tuple[int, ...], key: torch.Tensor, p: float) -> torch.Tens
 def _keep(shape: tuple[int, ...], key: torch.Tensor, p: float) -> torch.Tensor:
     """:func:`keep_mask`, compiled into one kernel on CUDA outside compiled layers: eagerly it would hold several
     int64 temporaries the size of the input (inside compiled layers Inductor fuses it with the layer)."""
-    from .fused import _fn
-
     return _fn("keep_mask", keep_mask, key.device)(shape, key, p)
 
 
@@ -106,8 +105,6 @@ def dropout_key(device: torch.device, salt: int) -> torch.Tensor:
     """The key of one module call: the decoder layer's seed when tunesmith's checkpoint function set one (it
     sets the same one again for the recompute), else a fresh draw from the device's generator (replayed by
     torch's own checkpointing); mixed with `salt`, the module's place in the layer."""
-    from . import offload
-
     seed = offload.layer_seed(device)
     if seed is None:
         seed = torch.randint(0, 2 ** 31, (), device=device, dtype=torch.int64)

@@ -141,8 +141,8 @@ def _replay(ctx, x0, grads, call):
         if ctx.cuda_rng is not None:
             torch.cuda.set_rng_state(ctx.cuda_rng, devs[0])
         with torch.enable_grad(), torch.autocast(ctx.dev, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
-            out = (_run_layer(ctx.seed, x.device, ctx.run, x, *ctx.rest) if call is None
-                   else _run_layer(ctx.seed, x.device, call, ctx.run, x, *ctx.rest))
+            fn, args = (ctx.run, (x, *ctx.rest)) if call is None else (call, (ctx.run, x, *ctx.rest))
+            out = _run_layer(ctx.seed, x.device, fn, *args)
     outs = out if ctx.tuple_out else (out,)
     pairs = [(o, g) for o, g in zip(outs, grads)
              if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
