@@ -33,6 +33,11 @@ import torch.nn as nn
 from . import offload, restore_forwards, swap_forward
 from .fused import _fn
 
+try:  # the Triton NF4 kernel (CUDA builds of torch ship Triton)
+    from . import nf4 as _nf4
+except ImportError:
+    _nf4 = None
+
 
 def nf4_dequant_torch(packed: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
     """bitsandbytes' NF4 dequantisation (double-quantised absmax included) written as plain tensor ops.
@@ -54,20 +59,26 @@ def nf4_dequant_torch(packed: torch.Tensor, qs, dtype: torch.dtype) -> torch.Ten
     return vals.to(qs.dtype).to(dtype).view(qs.shape)  # via the weight's own dtype, as bitsandbytes returns it
 
 
-def _dequant(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+def _dequant(base: nn.Module, dtype: torch.dtype, extra: torch.Tensor | None = None, dim: int = 1) -> torch.Tensor:
+    """The base weight in `dtype`; with `extra`, joined to it along `dim` (``[W | extra]`` or ``[W ; extra]``)."""
     w = base.weight
     qs = getattr(w, "quant_state", None)
     if qs is not None:
         data = w.data if hasattr(w, "data") else w
+        if _nf4 is not None and _nf4.supported(qs, data, dtype):
+            return _nf4.dequant(data, qs, dtype, extra, dim)  # one Triton kernel, writing into the joined matrix
         # rows a whole number of blocks (every real model's hidden sizes): bitsandbytes' CPU backend lays out
         # blocks that straddle rows differently from its CUDA kernels, and this follows the CUDA layout
         if (torch.compiler.is_compiling() and qs.quant_type == "nf4" and qs.shape[-1] % qs.blocksize == 0
                 and data.dtype == torch.uint8):
-            return nf4_dequant_torch(data, qs, dtype)  # fused by Inductor into the layer's graph
-        import bitsandbytes.functional as bnbf
+            w = nf4_dequant_torch(data, qs, dtype)  # fused by Inductor into the layer's graph
+        else:
+            import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(data, qs).to(dtype)
-    return w.to(dtype)
+            w = bnbf.dequantize_4bit(data, qs).to(dtype)
+    else:
+        w = w.to(dtype)
+    return w if extra is None else torch.cat((w, extra), dim)
 
 
 _M32 = 0xFFFFFFFF
@@ -129,7 +140,9 @@ class _LoraLinear(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(cd)
         ac, bc = a.to(cd), b.to(cd)
-        w = _dequant(base, cd)
+        out_f, in_f = base.out_features, base.in_features
+        joined = torch.compiler.is_compiling() and out_f > in_f  # output wider than input (gate/up): see above
+        w = None if joined else _dequant(base, cd)
         mask = None
         if p > 0.0:  # LoRA dropout on the adapter's input only (the base sees x as is), as PEFT does
             mask = _keep(tuple(x2.shape), key, p)
@@ -144,8 +157,8 @@ class _LoraLinear(torch.autograd.Function):
                 y += bias.to(cd)
             y.addmm_(xa, bc.t(), alpha=scaling)
         else:
-            if w.shape[0] > w.shape[1]:  # output wider than input (gate/up): one GEMM (see above)
-                y = torch.cat((x2, xa * scaling), 1) @ torch.cat((w, bc), 1).t()
+            if joined:  # one GEMM over [x | s xA^T] and [W | B], dequantised straight into the joined matrix
+                y = torch.cat((x2, xa * scaling), 1) @ _dequant(base, cd, bc, 1).t()
             else:  # a plain add fuses with the bias into one kernel
                 y = x2 @ w.t() + (xa @ bc.t()) * scaling
             if bias is not None:
@@ -154,7 +167,7 @@ class _LoraLinear(torch.autograd.Function):
         ctx.save_for_backward(xd, xa, ac, bc, key if mask is not None else None)  # the mask is made again
         ctx.base, ctx.scaling, ctx.cd, ctx.p = base, scaling, cd, p
         ctx.x_dtype, ctx.a_dtype, ctx.b_dtype = x.dtype, a.dtype, b.dtype
-        ctx.x_shape = shape
+        ctx.x_shape, ctx.w_shape = shape, (out_f, in_f)
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -170,17 +183,19 @@ class _LoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_a = (gb.t() @ xd).mul_(s).to(ctx.a_dtype)
         if ctx.needs_input_grad[0]:
-            w = _dequant(ctx.base, ctx.cd)
-            if mask is None and torch.compiler.is_compiling():  # see forward
-                grad_x = (torch.cat((g2, gb * s), 1) @ torch.cat((w, ac), 0) if w.shape[1] > w.shape[0]
-                          else g2 @ w + (gb @ ac) * s)
+            out_f, in_f = ctx.w_shape
+            if mask is None and torch.compiler.is_compiling() and in_f > out_f:  # see forward
+                grad_x = torch.cat((g2, gb * s), 1) @ _dequant(ctx.base, ctx.cd, ac, 0)
+            elif mask is None and torch.compiler.is_compiling():
+                grad_x = g2 @ _dequant(ctx.base, ctx.cd) + (gb @ ac) * s
             else:
+                w = _dequant(ctx.base, ctx.cd)
                 grad_x = g2 @ w
                 if mask is None:
                     grad_x.addmm_(gb, ac, alpha=s)
                 else:
                     grad_x += (gb @ ac).mul_(mask).mul_(s / (1.0 - ctx.p))
-            del w
+                del w
             grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, grad_a, grad_b, None, None, None, None, None, None
 
