@@ -411,6 +411,8 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
                           "warmup_ratio": 0.0, "max_grad_norm": 1.0, "grad_checkpointing": True, "seed": seed,
                           "offload_activations": {"1": True, "0": False}.get(os.environ.get("TS_BENCH_OFFLOAD", ""), "auto"),
                           "compile": {"1": True, "0": False}.get(os.environ.get("TS_BENCH_COMPILE", ""), "auto"),
+                          "offload_embeddings": {"1": True, "0": False}.get(os.environ.get("TS_BENCH_HOSTEMB", ""),
+                                                                           "auto"),
                           "save_steps": 0, "sample_steps": 0, "save_total_limit": 1, "evaluation_inputs": [],
                           "device": cmd["device"]},
                 "eval": {"enabled": False},

@@ -519,3 +519,67 @@ def test_cross_entropy_chunks_grow_with_the_layer_activations(monkeypatch):
     assert default_chunk(10 ** 9) == 128
     monkeypatch.setenv("TUNESMITH_CE_CHUNK_MIB", "512")
     assert default_chunk(92544, 1 << 40) == (512 << 20) // (4 * 92544)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_host_kept_embedding_and_head_match_device_weights(tmp_path, tied):
+    """The loop's steps with the frozen embedding and head kept on the host (kernels/host_weights.py, run here
+    without streams): the same loss and LoRA gradients; the head's device copy is gone before the backward pass;
+    `restore` gives the plain model back."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunesmith.config import LoraCfg
+    from tunesmith.kernels import host_weights
+    from tunesmith.models.load import add_lora, load_model
+    from tunesmith.train.loss import causal_lm_loss_sum
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=tied)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    m = add_lora(load_model(str(tmp_path / "m"), method="lora"), LoraCfg(r=4, alpha=8, dropout=0.0),
+                 grad_checkpointing=True, offload=True)
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    m.train()
+    assert host_weights.eligible(m) is None
+    ids = torch.randint(0, 97, (2, 12))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    batch = {"input_ids": ids, "position_ids": torch.arange(12).repeat(2, 1), "labels": labels}
+    emb0, head0 = m.get_input_embeddings().weight.clone(), m.get_output_embeddings().weight.clone()
+
+    def step(hostw):
+        m.zero_grad(set_to_none=True)
+        b = dict(batch, input_ids=ids.clone())  # the "device" ids: another tensor, as after .to(device)
+        seen = []
+        if hostw is not None:
+            hostw.prepare(ids, b["input_ids"])
+            lora_a = next(p for n, p in m.named_parameters() if "lora_A" in n)
+            lora_a.register_hook(lambda g: seen.append(m.get_output_embeddings().weight.data_ptr()) or g)
+        loss, _ = causal_lm_loss_sum(m, b, None, True)
+        loss.backward()
+        if hostw is not None:
+            hostw.release_head()
+            assert seen == [hostw.h_host.data_ptr()]  # the backward pass ran with the head on the host only
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    want_loss, want = step(None)
+    hostw = host_weights.attach(m, torch.device("cpu"))
+    lookups = []
+    orig_lookup = hostw.lookup
+    hostw.lookup = lambda t: lookups.append(t) or orig_lookup(t)
+    for _ in range(2):
+        got_loss, got = step(hostw)
+        assert torch.allclose(got_loss, want_loss, rtol=1e-6)
+        for k in want:
+            assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7), k
+        assert m.get_input_embeddings().weight.data_ptr() == hostw.e_host.data_ptr()
+        assert m.get_output_embeddings().weight.data_ptr() == hostw.h_host.data_ptr()
+    assert len(lookups) == 2 and all(t is ids for t in lookups)  # from the host ids, once a step
+    assert hostw.tied == tied
+    hostw.restore()
+    assert torch.equal(m.get_input_embeddings().weight, emb0) and torch.equal(m.get_output_embeddings().weight, head0)
+    assert "forward" not in vars(m.get_input_embeddings()) or m.get_input_embeddings().forward.__name__ == "forward"
+    assert torch.allclose(step(None)[0], want_loss, rtol=1e-6)

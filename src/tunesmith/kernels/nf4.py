@@ -81,7 +81,8 @@ def dequant(data: torch.Tensor, qs, dtype: torch.dtype, extra: torch.Tensor | No
     rows, cols = qs.shape
     if qs.nested:
         s2 = qs.state2
-        return nf4_dequant(data, qs.absmax, qs.code, s2.code, s2.absmax, qs.offset.reshape(1).float(), rows, cols,
+        off = torch.as_tensor(qs.offset, dtype=torch.float32, device=data.device).reshape(1)
+        return nf4_dequant(data, qs.absmax, qs.code, s2.code, s2.absmax, off, rows, cols,
                            qs.blocksize, s2.blocksize, dtype, extra, extra_dim)
     return nf4_dequant(data, qs.absmax, qs.code, None, None, None, rows, cols, qs.blocksize, 1, dtype, extra,
                        extra_dim)

@@ -205,6 +205,18 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         log("train.compile ignored: it needs train.kernels on/auto and checkpointed, offloaded layers "
             "(grad_checkpointing with offload_activations, no FSDP sharding)")
     fast = kernels.apply(model, device=device, method=cfg.method, kernels=tc.kernels, compile_layers=compile_layers)
+    hostw = None  # frozen embedding and head kept in host memory (kernels/host_weights.py)
+    if tc.offload_embeddings is not False and cfg.method != "full":
+        from ..kernels import host_weights
+
+        why = (None if offload and "linear-ce" in fast and device.type == "cuda"
+               else "it needs CUDA, offloaded activations (no FSDP sharding) and train.kernels on/auto")
+        why = why or host_weights.eligible(model)
+        if why is None:
+            hostw = host_weights.attach(model, device)
+            fast.append("host-embeddings")
+        elif tc.offload_embeddings is True:
+            log(f"train.offload_embeddings ignored: {why}")
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     frozen_line = distributed.describe_frozen(dist, model)
@@ -267,7 +279,11 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         if not tc.evaluation_inputs:
             return
         # a sharded model needs every rank in each forward pass: all ranks generate, rank 0 logs
+        if hostw is not None:
+            hostw.restore()  # generation runs the plain model
         answers = root(sample_chats, tokenizer, tc.evaluation_inputs, tc.system, tc.max_new_tokens)
+        if hostw is not None and step != total_steps:
+            hostw.offload()
         result.samples[step] = answers
         logger.samples(step, tc.evaluation_inputs, answers)
 
@@ -288,10 +304,15 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         if phases:
             phases.mark("data")
         for b in distributed.share(dist, micro):
+            ids_host = b["input_ids"]
             b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+            if hostw is not None:
+                hostw.prepare(ids_host, b["input_ids"])
             with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
                 s, _ = root(causal_lm_loss_sum, b, None, "linear-ce" in fast)
             scaler.scale(s / max(1, n_tok_step)).backward()  # FSDP sums (not averages) these over ranks
+            if hostw is not None:
+                hostw.release_head()  # where the loss could not (a KL batch, the unfused loss)
             loss_sum += float(s.detach())
         if phases:
             phases.mark("compute")
@@ -321,6 +342,8 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
             do_samples(done)
         if tc.save_steps and done % tc.save_steps == 0 and done != total_steps:
             save(done)
+    if hostw is not None:
+        hostw.restore()  # the trained model is handed back whole
     do_samples(total_steps)
     final_state = save(total_steps)
     if dist.is_main:

@@ -68,7 +68,12 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int | None 
     t = targets[keep]
     n = int(t.numel())
     n_kl = 0 if kl_keep is None else int(kl_keep.sum())
+    from ..kernels import host_weights
+
+    hostw = host_weights.of(model)
     if n + n_kl == 0:
+        if hostw is not None:
+            hostw.release_head()
         return hidden.sum() * 0.0, 0
     asked = chunk  # None: each path's own default (the fused one keeps chunks small: see linear_ce.default_chunk)
     if chunk is None:
@@ -79,9 +84,15 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int | None 
 
         cfg = getattr(model, "config", None)
         inter = getattr(cfg, "intermediate_size", None) or 4 * hidden.shape[-1]
-        total = total + linear_cross_entropy(h, head.weight, t, asked,
+        weight = head.weight if hostw is None else hostw.head_weight()  # host-kept: copied in behind the layers
+        total = total + linear_cross_entropy(h, weight, t, asked,
                                              layer_bytes=2 * hidden.shape[0] * hidden.shape[1] * inter * 2)
+        del weight
+        if hostw is not None and not n_kl:
+            hostw.release_head()  # its gradients are made: the backward pass runs without the head on the GPU
     elif n:
+        if hostw is not None:
+            hostw.head_weight()  # kept until the backward pass is done (the loop releases it)
         for i in range(0, n, chunk):
             hi, ti = h[i:i + chunk], t[i:i + chunk]
             if torch.is_grad_enabled():
@@ -89,6 +100,8 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int | None 
             else:
                 total = total + _chunk_loss(hi, head.weight, ti)
     if n_kl:
+        if hostw is not None:
+            hostw.head_weight()
         hk = hidden[:, :-1][kl_keep]
         bk = base_hidden_states(model, batch)[:, :-1][kl_keep].to(hk.dtype)
         from ..kernels.linear_ce import default_chunk
