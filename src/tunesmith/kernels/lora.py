@@ -37,6 +37,11 @@ try:  # the Triton NF4 kernel (CUDA builds of torch ship Triton)
     from . import nf4 as _nf4
 except ImportError:
     _nf4 = None
+# Where the Triton kernel is used: weights joined to a LoRA factor in compiled layers (Inductor's fused dequantise +
+# concatenate ran at a fraction of its plain dequantisation's speed: ~300 us for 7B's gate/up), and only large ones
+# (7B's MLP: 68M values). Each call of the op costs more on the CPU than Inductor's own kernels, and the smaller
+# models are bound by the CPU: the kernel everywhere made the 1.8B and 0.5B QLoRA rows 12-22 % slower (seventh run).
+_NF4_KERNEL_MIN = 1 << 25
 
 
 def nf4_dequant_torch(packed: torch.Tensor, qs, dtype: torch.dtype) -> torch.Tensor:
@@ -65,7 +70,8 @@ def _dequant(base: nn.Module, dtype: torch.dtype, extra: torch.Tensor | None = N
     qs = getattr(w, "quant_state", None)
     if qs is not None:
         data = w.data if hasattr(w, "data") else w
-        if _nf4 is not None and _nf4.supported(qs, data, dtype):
+        if (extra is not None and torch.compiler.is_compiling() and _nf4 is not None
+                and qs.shape[0] * qs.shape[1] >= _NF4_KERNEL_MIN and _nf4.supported(qs, data, dtype)):
             return _nf4.dequant(data, qs, dtype, extra, dim)  # one Triton kernel, writing into the joined matrix
         # rows a whole number of blocks (every real model's hidden sizes): bitsandbytes' CPU backend lays out
         # blocks that straddle rows differently from its CUDA kernels, and this follows the CUDA layout

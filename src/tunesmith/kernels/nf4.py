@@ -1,18 +1,21 @@
-"""NF4 dequantisation as one hand-written Triton kernel (CUDA), usable eagerly and inside compiled layers.
+"""NF4 dequantisation as one hand-written Triton kernel (CUDA) that can write into a joined matrix.
 
-Every QLoRA matmul first turns its 4-bit weight back into bf16: three times per weight and step (forward pass,
-recompute, backward pass). A profile of the 7B QLoRA row (bench/RESULTS.md, seventh run) had the Inductor-fused
-version of :func:`.lora.nf4_dequant_torch` at ~46 ms a step, against ~28 ms for Unsloth's kernel doing the same
-work: Inductor turns the two-codes-a-byte layout into a gather per output element with 64-bit index arithmetic.
-Here each program reads a run of packed bytes of one weight row once, looks both nibbles up in the 16-entry code,
-scales them by their block's absmax (itself 8-bit when double-quantised) and stores the pair side by side.
+Every QLoRA matmul first turns its 4-bit weight back into bf16, three times per weight and step: the forward
+pass, the recompute and the backward pass. Where the compiled layers join a weight with a LoRA factor into one
+matmul (``[W | B]`` for gate/up forward, ``[W ; A]`` for the down projection's input gradient; see
+:class:`.lora._LoraLinear`), Inductor fused the dequantisation into the concatenation. That kernel was slow.
+A profile of the 7B QLoRA row (bench/RESULTS.md, seventh run) showed ~300 us per call for the gate/up weights,
+where Inductor's plain dequantisation of the same weight takes ~75 us. In all, tunesmith spent ~46 ms a step
+dequantising, against ~28 ms for Unsloth.
 
-The kernel writes rows with any stride, so a caller that joins the weight with a LoRA factor into one matmul
-(:class:`.lora._LoraLinear`) gets ``[W | B]`` or ``[W ; A]`` straight from it, without a copy of ``W``.
+This kernel writes rows with any stride, so the joined matrix comes straight from it and only the narrow LoRA
+factor is copied. Each program reads a run of packed bytes of one weight row once. It looks both nibbles up in
+the 16-entry code and scales them by their block's absmax (itself 8-bit when double-quantised). Then it stores
+the pair side by side.
 
-Registered with ``torch.library.triton_op``: inside a compiled layer Inductor calls the kernel from its generated
-code (no Python in between), and in eager mode it is a plain op. The reference is bitsandbytes'
-``dequantize_4bit`` (``tests/test_kernels_cuda.py``).
+It is registered with ``torch.library.triton_op``. Calling it costs more on the CPU than Inductor's own fused
+kernels, so :func:`.lora._dequant` uses it only for large joined weights (see ``_NF4_KERNEL_MIN`` there). The
+reference is bitsandbytes' ``dequantize_4bit`` (``tests/test_kernels_cuda.py``).
 """
 
 from __future__ import annotations
