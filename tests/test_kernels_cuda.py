@@ -358,6 +358,7 @@ def test_host_kept_embedding_and_head_cuda(tied):
         torch.cuda.synchronize()
         return loss.detach(), before_bw, {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
 
+    step(None)  # the first backward pass allocates cuBLAS workspaces (2 x 32 MiB seen on an H200): before measuring
     want_loss, want_mem, want = step(None)
     hostw = host_weights.attach(m, torch.device("cuda"))
     for _ in range(2):
@@ -365,7 +366,7 @@ def test_host_kept_embedding_and_head_cuda(tied):
         assert _rel(loss, want_loss) < 1e-5  # attention's backward kernel may add in another order: not bitwise
         for k in want:
             assert _rel(got[k], want[k]) < 1e-3, k
-        assert mem <= want_mem - matrices + 2 ** 20
+        assert mem <= want_mem - matrices + 4 * 2 ** 20  # the batch's looked-up rows and small buffers aside
         assert not m.get_input_embeddings().weight.is_cuda and not m.get_output_embeddings().weight.is_cuda
     hostw.restore()
     assert m.get_output_embeddings().weight.is_cuda and _rel(step(None)[0], want_loss) < 1e-5
