@@ -580,6 +580,7 @@ def test_host_kept_embedding_and_head_match_device_weights(tmp_path, tied):
     assert len(lookups) == 2 and all(t is ids for t in lookups)  # from the host ids, once a step
     assert hostw.tied == tied
     hostw.restore()
+    assert host_weights.of(m) is None  # the loss no longer moves the head once the model is handed back
     assert torch.equal(m.get_input_embeddings().weight, emb0) and torch.equal(m.get_output_embeddings().weight, head0)
     assert "forward" not in vars(m.get_input_embeddings()) or m.get_input_embeddings().forward.__name__ == "forward"
     assert torch.allclose(step(None)[0], want_loss, rtol=1e-6)

@@ -74,6 +74,7 @@ class HostWeights:
         if self.head is not None:
             self.head.weight.data = self.h_host
         self.emb.forward = types.MethodType(_embed_forward, self.emb)
+        self.active = True
 
     def restore(self) -> None:
         """The plain model again: both matrices on the GPU, the embedding's own forward."""
@@ -82,6 +83,7 @@ class HostWeights:
             self.head.weight.data = self.h_host.to(self.device)
         self.emb.forward = self.emb._tunesmith_orig_embed_forward
         self.ready = self.stash = None
+        self.active = False
 
     # -- the embedding
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -140,4 +142,6 @@ def attach(model: nn.Module, device: torch.device) -> HostWeights:
 
 
 def of(model: nn.Module) -> HostWeights | None:
-    return getattr(model, ATTR, None)
+    """The model's host-kept weights while they are on the host (None once restored, or never attached)."""
+    hw = getattr(model, ATTR, None)
+    return hw if hw is not None and hw.active else None
