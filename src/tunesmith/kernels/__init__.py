@@ -5,10 +5,12 @@
 - :mod:`.fused`      RMSNorm, SwiGLU and rotary embedding compiled into single kernels (CUDA);
 - :mod:`.attention`  packed rows attend per sample with PyTorch's variable-length flash attention (CUDA);
 - :mod:`.offload`    activation checkpointing that keeps layer inputs in pinned host memory (CUDA; not under FSDP);
-- :mod:`.compiled`   each checkpointed decoder layer's body compiled by torch.compile (CUDA; not under FSDP).
+- :mod:`.compiled`   each checkpointed decoder layer's body compiled by torch.compile (CUDA; not under FSDP);
+- :mod:`.nf4`        a Triton NF4 dequantisation kernel for large weights joined to a LoRA factor (compiled layers);
+- :mod:`.host_weights` the frozen embedding and output head in pinned host memory between uses (CUDA; not FSDP).
 
-``train.kernels: off`` turns them all off but offloading (the reference path); ``train.offload_activations`` and
-``train.compile`` the last two.
+``train.kernels: off`` turns them all off but offloading (the reference path); ``train.offload_activations``,
+``train.compile`` and ``train.offload_embeddings`` the offloading, the compiled layers and the host-kept weights.
 """
 
 from __future__ import annotations
