@@ -584,3 +584,25 @@ def test_host_kept_embedding_and_head_match_device_weights(tmp_path, tied):
     assert torch.equal(m.get_input_embeddings().weight, emb0) and torch.equal(m.get_output_embeddings().weight, head0)
     assert "forward" not in vars(m.get_input_embeddings()) or m.get_input_embeddings().forward.__name__ == "forward"
     assert torch.allclose(step(None)[0], want_loss, rtol=1e-6)
+
+
+def test_training_with_host_kept_embedding_and_head_equals_plain(tiny_dir, tmp_path):
+    """The training loop with `train.offload_embeddings: true` (allowed on the CPU when asked for): the same losses
+    and chat samples as with both matrices in place, through gradient accumulation and samples taken mid-run (the
+    model restored for generation, then kept on the host again) and at the end."""
+    from tunesmith.train.loop import train
+    from test_train import make_cfg
+
+    runs = []
+    for on in (True, False):
+        cfg = make_cfg(tiny_dir, tmp_path / f"run{on}", max_steps=4, kernels="on", grad_checkpointing=True,
+                       offload_activations=True, offload_embeddings=on, evaluation_inputs=["Who are you?"],
+                       sample_steps=2, max_new_tokens=4, save_steps=0)
+        cfg.lora.dropout = 0.0
+        logs = []
+        runs.append((train(cfg, log=lambda *a: logs.append(" ".join(map(str, a)))), logs))
+    (with_host, logs_on), (plain, logs_off) = runs
+    assert any("host-embeddings" in x for x in logs_on) and not any("host-embeddings" in x for x in logs_off)
+    for x, y in zip(with_host.losses, plain.losses):
+        assert abs(x - y) <= 1e-6 * abs(y), (with_host.losses, plain.losses)
+    assert with_host.samples == plain.samples and len(with_host.samples) == 3  # steps 0, 2 and 4

@@ -209,8 +209,9 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     if tc.offload_embeddings is not False and cfg.method != "full":
         from ..kernels import host_weights
 
-        why = (None if offload and "linear-ce" in fast and device.type == "cuda"
-               else "it needs CUDA, offloaded activations (no FSDP sharding) and train.kernels on/auto")
+        # on the CPU only when asked for (no memory to save there; the same steps, which tests run)
+        why = (None if offload and "linear-ce" in fast and (device.type == "cuda" or tc.offload_embeddings is True)
+               else "it needs offloaded activations (CUDA, no FSDP sharding) and train.kernels on/auto")
         why = why or host_weights.eligible(model)
         if why is None:
             hostw = host_weights.attach(model, device)
