@@ -31,12 +31,17 @@ def swap_forward(m: torch.nn.Module, fn) -> bool:
     return True
 
 
+def restore_forward(m: torch.nn.Module) -> None:
+    """Undo `swap_forward` on `m` (nothing if it was not swapped)."""
+    if hasattr(m, ORIG):
+        m.forward = getattr(m, ORIG)
+        delattr(m, ORIG)
+
+
 def restore_forwards(model: torch.nn.Module) -> None:
     """Undo every `swap_forward` in `model`."""
     for m in model.modules():
-        if hasattr(m, ORIG):
-            m.forward = getattr(m, ORIG)
-            delattr(m, ORIG)
+        restore_forward(m)
 
 
 def apply(model, *, device: torch.device, method: str, kernels: str, compile_layers: bool = False) -> list[str]:

@@ -19,10 +19,10 @@ it off. The reference is the same model with both matrices on the GPU (``tests/t
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn as nn
+
+from . import restore_forward, swap_forward
 
 ATTR = "_tunesmith_host_weights"
 
@@ -62,7 +62,6 @@ class HostWeights:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.ready = None  # a CUDA event while the head's GPU copy exists (True on the CPU)
         self.stash: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.emb._tunesmith_orig_embed_forward = self.emb.forward
         setattr(self.emb, ATTR, self)
         setattr(model, ATTR, self)
         self.offload()
@@ -73,7 +72,7 @@ class HostWeights:
         self.emb.weight.data = self.e_host
         if self.head is not None:
             self.head.weight.data = self.h_host
-        self.emb.forward = types.MethodType(_embed_forward, self.emb)
+        swap_forward(self.emb, _embed_forward)
         self.active = True
 
     def restore(self) -> None:
@@ -81,7 +80,7 @@ class HostWeights:
         self.emb.weight.data = self.e_host.to(self.device)
         if self.head is not None and not self.tied:
             self.head.weight.data = self.h_host.to(self.device)
-        self.emb.forward = self.emb._tunesmith_orig_embed_forward
+        restore_forward(self.emb)
         self.ready = self.stash = None
         self.active = False
 

@@ -70,7 +70,7 @@ def _dequant(base: nn.Module, dtype: torch.dtype, extra: torch.Tensor | None = N
     qs = getattr(w, "quant_state", None)
     if qs is not None:
         data = w.data if hasattr(w, "data") else w
-        if (extra is not None and torch.compiler.is_compiling() and _nf4 is not None
+        if (extra is not None and _nf4 is not None  # `extra`: a joined matmul, compiled layers only
                 and qs.shape[0] * qs.shape[1] >= _NF4_KERNEL_MIN and _nf4.supported(qs, data, dtype)):
             return _nf4.dequant(data, qs, dtype, extra, dim)  # one Triton kernel, writing into the joined matrix
         # rows a whole number of blocks (every real model's hidden sizes): bitsandbytes' CPU backend lays out
