@@ -338,18 +338,42 @@ def _profiler():
     return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
 
 
+def _kernel_kind(name: str) -> str:
+    """A GPU kernel's kind, by its name, for the profile's per-kind totals."""
+    n = name.lower()
+    if "memcpy" in n or "memset" in n:
+        return "copies"
+    if any(k in n for k in ("flash", "fmha", "attention", "attn", "cudnn")):
+        return "attention"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "splitk", "sm90_", "matmul")):
+        return "gemm"
+    if n.startswith("triton_") or "triton" in n or n.startswith("_"):
+        return "triton"
+    if "nccl" in n:
+        return "nccl"
+    return "other"
+
+
 def _save_profile(prof, name: str, seconds: float, steps: int) -> None:
     """Kernel time, launches and the top ops (by GPU and by CPU time) per step, to TS_BENCH_PROFILE/name.txt."""
     if prof is None:
         return
     ev = prof.key_averages()
-    dev = sum(e.self_device_time_total for e in ev) / 1e3  # ms, all steps
+    # kernels and copies only (CPU-side ops list the same device time again: Inductor's Triton launches even
+    # appear under the kernel's own name)
+    kern = [e for e in ev if e.self_device_time_total > 0 and str(e.device_type).endswith("CUDA")]
+    dev = sum(e.self_device_time_total for e in kern) / 1e3  # ms, all steps
     launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
                                                       "cuLaunchKernelEx"))
     ops = sum(e.count for e in ev if e.key.startswith("aten::"))
-    head = (f"{name}: wall {seconds / steps * 1e3:.1f} ms/step, GPU kernel time {dev / steps:.1f} ms/step "
-            f"({100 * dev / 1e3 / seconds:.0f} % busy), {launches / steps:.0f} kernel launches/step, "
-            f"{ops / steps:.0f} aten ops/step\n")
+    cats: dict[str, float] = {}
+    for e in kern:
+        cats[_kernel_kind(e.key)] = cats.get(_kernel_kind(e.key), 0.0) + e.self_device_time_total / 1e3 / steps
+    head = (f"{name}: wall {seconds / steps * 1e3:.1f} ms/step, GPU kernel and copy time {dev / steps:.1f} ms/step "
+            f"({100 * dev / 1e3 / seconds:.0f} % of wall; copies overlap), {launches / steps:.0f} kernel "
+            f"launches/step, {ops / steps:.0f} aten ops/step\n"
+            "GPU ms/step by kind: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(cats.items(), key=lambda x: -x[1]))
+            + "\n")
     body = (ev.table(sort_by="self_device_time_total", row_limit=35) + "\n"
             + ev.table(sort_by="self_cpu_time_total", row_limit=35))
     d = Path(os.environ["TS_BENCH_PROFILE"])
@@ -454,7 +478,10 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
             seconds = recs[-1]["time"] - recs[warm - 1]["time"]
             tokens = sum(len(r.input_ids) for r in rows[warm * batch:n_steps * batch])
             _save_profile(prof, f"{cmd['shape']}-{cmd['method']}-{wl}-tunesmith", seconds, steps)
+            from tunesmith.kernels import lora as _lora
+
             emit(op="result", workload=wl, tok_s=tokens / seconds, tokens=tokens, seconds=seconds,
+                 lean_recompute=_lora.stats["unused"] > 0,
                  peak_gib=alloc, peak_reserved_gib=reserved, loss_first=res.losses[0], loss_last=res.losses[-1],
                  losses=res.losses, wall_s=time.perf_counter() - t_start,
                  note=f"{len(rows)} packed rows, {sum(len(r.lengths) for r in rows[:need])} samples trained"
@@ -702,6 +729,8 @@ def fmt_table(rows: list[dict]) -> str:
 
             mem = "—" if r["peak_gib"] is None else f"{r['peak_gib']:.2f} / {r['peak_reserved_gib']:.2f}"
             mfu = "—" if r.get("mfu") is None else f"{100 * r['mfu']:.1f} %"
+            if r.get("mfu_run") is not None:
+                mfu += f" ({100 * r['mfu_run']:.1f} % run)"
             lines.append(f"| {wl} | {shape} | {method} | {seq}×{batch} | {st} | {r['tok_s']:,.0f} | {mem} | {mfu} | "
                          f"{r['loss_first']:.4f} → {r['loss_last']:.4f} | {_ratio(r, stacks.get('hf'))} | "
                          f"{_ratio(r, stacks.get('unsloth'))} |")
@@ -829,7 +858,8 @@ def main(argv: list[str] | None = None) -> int:
     def markdown() -> str:
         return (f"# {date} · {gpu}\n\ncommand: `{record['command']}`\n\nversions: `{json.dumps(record['versions'])}`"
                 f"\n\n{a.warmup} warm-up + {a.steps} timed steps; r={a.r}, alpha={a.alpha}; MFU = 6·N·tok/s / "
-                f"{(peak or 0) / 1e12:.0f} TFLOP/s\n\n{fmt_table(record['rows'])}\n")
+                f"{(peak or 0) / 1e12:.0f} TFLOP/s (\"run\": the matmuls run, less the down projections' recompute "
+                f"where it was skipped)\n\n{fmt_table(record['rows'])}\n")
 
     def save() -> None:  # after every result, so a run cut short still leaves what it measured
         for path, text in ((json_path, json.dumps(record, indent=1)), (json_path.with_suffix(".md"), markdown())):
@@ -843,7 +873,11 @@ def main(argv: list[str] | None = None) -> int:
                "mfu": None, "loss_first": None, "loss_last": None, "error": None}
         rec.update({k: v for k, v in res.items() if k != "op"})
         if rec["tok_s"] and peak:
-            rec["mfu"] = 6 * matmul_params(SHAPES[row["shape"]]) * rec["tok_s"] / peak
+            sh = SHAPES[row["shape"]]
+            rec["mfu"] = 6 * matmul_params(sh) * rec["tok_s"] / peak
+            if rec.get("lean_recompute"):  # the matmuls actually run: the recompute skipped the down projections
+                rec["mfu_run"] = (6 * matmul_params(sh) - 2 * sh["layers"] * sh["hidden"] * sh["inter"]) \
+                    * rec["tok_s"] / peak
         record["rows"].append(rec)
         save()
         if rec["error"]:

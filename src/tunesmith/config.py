@@ -96,8 +96,8 @@ class TrainCfg(_Strict):
     # keep checkpointed layer inputs in pinned host memory ('auto': on for one CUDA device)
     offload_activations: Literal["auto"] | bool = "auto"
     # LoRA/QLoRA: the frozen input embedding and output head live in pinned host memory, the head on the GPU only
-    # for the loss ('auto': on where activations are offloaded on CUDA and the fused loss runs; true: also on the CPU,
-    # where it saves nothing)
+    # for the loss ('auto': on where activations are offloaded on CUDA and the fused loss runs, for an untied head;
+    # true: also tied ones, and on the CPU, where it saves nothing)
     offload_embeddings: Literal["auto"] | bool = "auto"
     # each decoder layer's body compiled by torch.compile, one graph for all layers ('auto': on where activations
     # are offloaded, i.e. CUDA with checkpointing and no FSDP — one GPU or each data-parallel rank; needs Triton;

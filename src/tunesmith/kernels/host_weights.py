@@ -41,6 +41,12 @@ def eligible(model: nn.Module) -> str | None:
     return None
 
 
+def tied(model: nn.Module) -> bool:
+    """The output head shares the input embedding's matrix (kept on the host it saves little: the loss needs it)."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
 def _host_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
     h = t.detach().to("cpu", copy=True)
     return h.pin_memory() if pin else h
@@ -55,7 +61,7 @@ class HostWeights:
         self.emb = model.get_input_embeddings()
         self.head = model.get_output_embeddings()
         self.device = device
-        self.tied = self.head is not None and self.head.weight is self.emb.weight
+        self.tied = tied(model)
         self.cuda = device.type == "cuda"  # elsewhere (tests on the CPU) the same steps, without streams or pinning
         self.e_host = _host_copy(self.emb.weight, self.cuda)
         self.h_host = None if self.head is None else self.e_host if self.tied else _host_copy(self.head.weight, self.cuda)

@@ -61,6 +61,7 @@ class _State:
     call = None  # set by kernels.compiled: runs each layer's body through torch.compile
     in_layer = False  # inside a checkpointed layer call: `seed` holds the call's dropout seed
     seed: "torch.Tensor | None" = None  # one 0-d int64 tensor, refilled for every layer call (forward, recompute)
+    replay = False  # inside a recompute (the backward pass's forward): see `replaying`
 
 
 _state = _State()
@@ -73,17 +74,24 @@ def layer_seed(device: torch.device) -> "torch.Tensor | None":
     return _state.seed
 
 
-def _run_layer(seed: int, device: torch.device, fn, *args):
+def replaying() -> bool:
+    """True while a checkpointed layer is being recomputed for its backward pass. There the layer's output is only
+    the root of the backward pass: its values are never read, so a module whose output feeds nothing but the
+    layer's output (the MLP's down projection, see :func:`.lora.mark_unused_outputs`) may skip computing it."""
+    return _state.replay
+
+
+def _run_layer(seed: int, device: torch.device, fn, *args, replay: bool = False):
     """`fn(*args)` with `seed` as the layer's dropout seed (the same number in the forward pass and the
     recompute, so the LoRA dropout masks match whatever order the random ops run in)."""
     if _state.seed is None or _state.seed.device != device:
         _state.seed = torch.zeros((), dtype=torch.int64, device=device)
     _state.seed.fill_(seed)
-    _state.in_layer = True
+    _state.in_layer, _state.replay = True, replay
     try:
         return fn(*args)
     finally:
-        _state.in_layer = False
+        _state.in_layer = _state.replay = False
 
 
 def _copy_stream(device: torch.device):
@@ -142,7 +150,7 @@ def _replay(ctx, x0, grads, call):
             torch.cuda.set_rng_state(ctx.cuda_rng, devs[0])
         with torch.enable_grad(), torch.autocast(ctx.dev, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
             fn, args = (ctx.run, (x, *ctx.rest)) if call is None else (call, (ctx.run, x, *ctx.rest))
-            out = _run_layer(ctx.seed, x.device, fn, *args)
+            out = _run_layer(ctx.seed, x.device, fn, *args, replay=True)
     outs = out if ctx.tuple_out else (out,)
     pairs = [(o, g) for o, g in zip(outs, grads)
              if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]

@@ -213,6 +213,9 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         why = (None if offload and "linear-ce" in fast and (device.type == "cuda" or tc.offload_embeddings is True)
                else "it needs offloaded activations (CUDA, no FSDP sharding) and train.kernels on/auto")
         why = why or host_weights.eligible(model)
+        if why is None and tc.offload_embeddings == "auto" and host_weights.tied(model):
+            # one matrix, needed by the loss anyway: 0.12 GiB saved on Qwen2.5-0.5B for 15 % of its speed (eighth run)
+            why = "tied embedding and head"
         if why is None:
             hostw = host_weights.attach(model, device)
             fast.append("host-embeddings")
