@@ -481,7 +481,7 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
             from tunesmith.kernels import lora as _lora
 
             emit(op="result", workload=wl, tok_s=tokens / seconds, tokens=tokens, seconds=seconds,
-                 lean_recompute=_lora.stats["unused"] > 0,
+                 lean_recompute=_lora.stats["marked"] > 0,
                  peak_gib=alloc, peak_reserved_gib=reserved, loss_first=res.losses[0], loss_last=res.losses[-1],
                  losses=res.losses, wall_s=time.perf_counter() - t_start,
                  note=f"{len(rows)} packed rows, {sum(len(r.lengths) for r in rows[:need])} samples trained"

@@ -309,7 +309,8 @@ def test_lean_recompute_skips_the_down_projection_with_equal_gradients(tiny_dir,
         assert lora.stats["unused"] == before
         l1, g1 = _ckpt_loss_and_grads(got, ids)
         assert compiled.active() == compiled_layers  # nothing fell back
-        assert lora.stats["unused"] > before  # two a step eagerly; once a trace in compiled layers
+        # eagerly two a step; compiled layers count nothing (no guard on a counter), the gradients show the skip
+        assert (lora.stats["unused"] > before) == (not compiled_layers)
         assert torch.allclose(l1, l0, rtol=1e-6), (float(l1), float(l0))
         assert g0.keys() == g1.keys() and len(g0) == 4 * 7
         for k in g0:

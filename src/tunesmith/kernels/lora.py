@@ -238,7 +238,7 @@ def _plain_base(base: nn.Module) -> bool:
     return isinstance(base, bnb.nn.Linear4bit) and getattr(base.weight, "quant_state", None) is not None
 
 
-stats = {"unused": 0}  # module calls that skipped their product (counted when traced, in compiled layers; tests)
+stats = {"unused": 0, "marked": 0}  # eager module calls that skipped their product; modules marked (tests, bench)
 
 
 def _fast_forward(self, x, *args, **kwargs):
@@ -261,7 +261,8 @@ def _fast_forward(self, x, *args, **kwargs):
     if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
         return self._orig_forward(x, *args, **kwargs)  # bitsandbytes' CPU inference layout: its own kernel
     unused = getattr(self, UNUSED, False) and offload.replaying()
-    stats["unused"] += unused
+    if unused and not torch.compiler.is_compiling():  # never in traced code: Dynamo would guard on the count
+        stats["unused"] += 1
     return lora_linear(x, self.lora_A[name].weight, self.lora_B[name].weight, base.bias, base, self.scaling[name], p,
                        getattr(self, SALT, 0), unused)
 
@@ -307,6 +308,7 @@ def mark_unused_outputs(model: nn.Module) -> int:
         if down is not None and getattr(down, "forward", None) is not None and hasattr(down, "_orig_forward"):
             setattr(down, UNUSED, True)
             n += 1
+    stats["marked"] += n
     return n
 
 
