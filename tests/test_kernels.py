@@ -283,18 +283,20 @@ def test_compiled_layers_match_eager_layers(tiny_dir, dropout):
         compiled.disable()
 
 
-@pytest.mark.parametrize("compiled_layers", [False, True])
-def test_lean_recompute_skips_the_down_projection_with_equal_gradients(tiny_dir, compiled_layers):
+@pytest.mark.parametrize("compiled_layers,dropout", [(False, 0.0), (True, 0.0), (False, 0.1)])
+def test_lean_recompute_skips_the_down_projection_with_equal_gradients(tiny_dir, compiled_layers, dropout):
     """The recompute of an offloaded checkpoint skips each MLP down projection's product (its output only feeds the
     layer's output, whose values the backward pass never reads): loss and every gradient equal the full recompute's,
-    eager and compiled, QLoRA (the NF4 weight not dequantised there either)."""
+    eager and compiled, QLoRA (the NF4 weight not dequantised there either), with and without LoRA dropout."""
     pytest.importorskip("bitsandbytes")
+    from torch.utils.flop_counter import FlopCounterMode
+
     from tunesmith import kernels
     from tunesmith.kernels import compiled, lora
 
     cpu = torch.device("cpu")
-    ref = _ckpt_lora_model(tiny_dir, "qlora", 0.0)
-    got = _ckpt_lora_model(tiny_dir, "qlora", 0.0)
+    ref = _ckpt_lora_model(tiny_dir, "qlora", dropout)
+    got = _ckpt_lora_model(tiny_dir, "qlora", dropout)
     kernels.apply(ref, device=cpu, method="qlora", kernels="auto", compile_layers=compiled_layers)
     kernels.apply(got, device=cpu, method="qlora", kernels="auto", compile_layers=compiled_layers)
     marked = [n for n, m in got.named_modules() if getattr(m, lora.UNUSED, False)]
@@ -305,9 +307,23 @@ def test_lean_recompute_skips_the_down_projection_with_equal_gradients(tiny_dir,
     try:
         ids = torch.randint(0, 1000, (2, 12))
         before = lora.stats["unused"]
-        l0, g0 = _ckpt_loss_and_grads(ref, ids)
-        assert lora.stats["unused"] == before
-        l1, g1 = _ckpt_loss_and_grads(got, ids)
+        flops = []
+        for m in (ref, got):
+            if compiled_layers:  # (a dispatch mode would keep the compiled layers from running compiled)
+                loss, grads = _ckpt_loss_and_grads(m, ids)
+            else:
+                with FlopCounterMode(display=False) as fc:
+                    loss, grads = _ckpt_loss_and_grads(m, ids)
+                flops.append(fc.get_total_flops())
+            if m is ref:
+                l0, g0 = loss, grads
+                assert lora.stats["unused"] == before
+            else:
+                l1, g1 = loss, grads
+        if not compiled_layers:  # per layer: the down product (2·T·I·H) less the LoRA term standing in (2·T·r·H)
+            cfg = got.config
+            t, r = ids.numel(), 4
+            assert flops[0] - flops[1] == cfg.num_hidden_layers * 2 * t * cfg.hidden_size * (cfg.intermediate_size - r)
         assert compiled.active() == compiled_layers  # nothing fell back
         # eagerly two a step; compiled layers count nothing (no guard on a counter), the gradients show the skip
         assert (lora.stats["unused"] > before) == (not compiled_layers)
@@ -580,6 +596,13 @@ def test_host_kept_embedding_and_head_match_device_weights(tmp_path, tied):
             p.data.normal_(0, 0.1)
     m.train()
     assert host_weights.eligible(m) is None
+    # the setting: "auto" on CUDA for an untied head only; True also for a tied one and on the CPU
+    cuda, cpu, fast = torch.device("cuda"), torch.device("cpu"), ["linear-ce", "lora"]
+    assert (host_weights.why_not("auto", m, cuda, True, fast) is None) == (not tied)
+    assert host_weights.why_not(True, m, cuda, True, fast) is None
+    assert host_weights.why_not("auto", m, cpu, True, fast) is not None
+    assert host_weights.why_not(True, m, cpu, True, fast) is None
+    assert host_weights.why_not(True, m, cuda, False, fast) is not None  # needs offloaded activations
     ids = torch.randint(0, 97, (2, 12))
     labels = ids.clone()
     labels[0, :4] = -100

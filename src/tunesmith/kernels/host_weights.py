@@ -41,6 +41,19 @@ def eligible(model: nn.Module) -> str | None:
     return None
 
 
+def why_not(setting, model: nn.Module, device: torch.device, offload: bool, fast: list[str]) -> str | None:
+    """Why `train.offload_embeddings` (`setting`: "auto" or True) does not keep `model`'s embedding and head on the
+    host (None: it does). "auto" is CUDA only and skips tied heads: one matrix the loss needs anyway, so it saved
+    0.12 GiB on Qwen2.5-0.5B for 15 % of its speed (bench/RESULTS.md, eighth run); True also takes the CPU, where
+    it saves nothing (tests run the same steps there)."""
+    if not (offload and "linear-ce" in fast and (device.type == "cuda" or setting is True)):
+        return "it needs offloaded activations (CUDA, no FSDP sharding) and train.kernels on/auto"
+    why = eligible(model)
+    if why is None and setting == "auto" and tied(model):
+        why = "tied embedding and head"
+    return why
+
+
 def tied(model: nn.Module) -> bool:
     """The output head shares the input embedding's matrix (kept on the host it saves little: the loss needs it)."""
     head = model.get_output_embeddings()

@@ -209,13 +209,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     if tc.offload_embeddings is not False and cfg.method != "full":
         from ..kernels import host_weights
 
-        # on the CPU only when asked for (no memory to save there; the same steps, which tests run)
-        why = (None if offload and "linear-ce" in fast and (device.type == "cuda" or tc.offload_embeddings is True)
-               else "it needs offloaded activations (CUDA, no FSDP sharding) and train.kernels on/auto")
-        why = why or host_weights.eligible(model)
-        if why is None and tc.offload_embeddings == "auto" and host_weights.tied(model):
-            # one matrix, needed by the loss anyway: 0.12 GiB saved on Qwen2.5-0.5B for 15 % of its speed (eighth run)
-            why = "tied embedding and head"
+        why = host_weights.why_not(tc.offload_embeddings, model, device, offload, fast)
         if why is None:
             hostw = host_weights.attach(model, device)
             fast.append("host-embeddings")
