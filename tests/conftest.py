@@ -26,7 +26,7 @@ def qwen_dir():
     return registry.fetch("qwen2.5-coder-0.5b-instruct")
 
 
-def make_tiny_llama(out, tokenizer_dir, hidden: int = 32, intermediate: int = 64):
+def make_tiny_llama(out, tokenizer_dir, hidden: int = 32, intermediate: int = 64, tied: bool = True):
     """Save a tiny random Llama carrying the real tokenizer (and chat template) of `tokenizer_dir` into `out`."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -34,7 +34,7 @@ def make_tiny_llama(out, tokenizer_dir, hidden: int = 32, intermediate: int = 64
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      tie_word_embeddings=tied, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)

@@ -1,6 +1,7 @@
 """Each fast path against its plain-PyTorch reference, on random inputs (CPU; tests/gpu/ has the CUDA ones)."""
 
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -645,23 +646,75 @@ def test_host_kept_embedding_and_head_match_device_weights(tmp_path, tied):
     assert torch.allclose(step(None)[0], want_loss, rtol=1e-6)
 
 
-def test_training_with_host_kept_embedding_and_head_equals_plain(tiny_dir, tmp_path):
+@pytest.mark.parametrize("tied", [True, False])
+def test_training_with_host_kept_embedding_and_head_equals_plain(tiny_dir, smollm2_dir, tmp_path, tied):
     """The training loop with `train.offload_embeddings: true` (allowed on the CPU when asked for): the same losses
     and chat samples as with both matrices in place, through gradient accumulation and samples taken mid-run (the
     model restored for generation, then kept on the host again) and at the end."""
+    from tunesmith.kernels import host_weights
+    from tunesmith.train import loop
     from tunesmith.train.loop import train
     from test_train import make_cfg
 
+    seen = []  # while sampling: (kept on the host, generating, the embedding still the host copy)
+    orig = loop.sample_chats
+
+    def sample_chats(model, *a, **k):
+        hw = host_weights.of(model)
+        emb = model.get_input_embeddings().weight
+        seen.append((hw is not None, hw is not None and hw.generating,
+                     hw is not None and emb.data_ptr() == hw.e_host.data_ptr()))
+        return orig(model, *a, **k)
+
+    from conftest import make_tiny_llama
+
+    model_dir = tiny_dir if tied else make_tiny_llama(tmp_path / "untied", smollm2_dir, tied=False)
     runs = []
     for on in (True, False):
-        cfg = make_cfg(tiny_dir, tmp_path / f"run{on}", max_steps=4, kernels="on", grad_checkpointing=True,
+        cfg = make_cfg(model_dir, tmp_path / f"run{on}", max_steps=4, kernels="on", grad_checkpointing=True,
                        offload_activations=True, offload_embeddings=on, evaluation_inputs=["Who are you?"],
                        sample_steps=2, max_new_tokens=4, save_steps=0)
         cfg.lora.dropout = 0.0
         logs = []
-        runs.append((train(cfg, log=lambda *a: logs.append(" ".join(map(str, a)))), logs))
+        with mock.patch.object(loop, "sample_chats", sample_chats):
+            runs.append((train(cfg, log=lambda *a: logs.append(" ".join(map(str, a)))), logs))
+    # mid-run samples keep the embedding on the host (only an untied head comes to the device; a tied matrix comes
+    # back whole); the last ones run the model handed back whole; the plain run keeps nothing on the host
+    mid = (False, False, False) if tied else (True, True, True)
+    assert seen == [mid, mid, (False, False, False)] + [(False, False, False)] * 3, seen
     (with_host, logs_on), (plain, logs_off) = runs
     assert any("host-embeddings" in x for x in logs_on) and not any("host-embeddings" in x for x in logs_off)
     for x, y in zip(with_host.losses, plain.losses):
         assert abs(x - y) <= 1e-6 * abs(y), (with_host.losses, plain.losses)
     assert with_host.samples == plain.samples and len(with_host.samples) == 3  # steps 0, 2 and 4
+
+
+def test_sampling_falls_back_to_the_whole_model_when_host_embedding_generation_fails(smollm2_dir, tmp_path):
+    """Mid-run sampling with the embedding in host memory raising (a CUDA-only failure in the field, simulated): the
+    run says so, samples with the whole model, keeps the matrices on the host for the next steps, and finishes."""
+    from conftest import make_tiny_llama
+
+    from tunesmith.kernels import host_weights
+    from tunesmith.train import loop
+    from test_train import make_cfg
+
+    orig = loop.sample_chats
+    states = []
+
+    def flaky(model, *a, **k):
+        hw = host_weights.of(model)
+        states.append(hw is not None and hw.generating)
+        if hw is not None and hw.generating:
+            raise RuntimeError("Expected all tensors to be on the same device")
+        return orig(model, *a, **k)
+
+    cfg = make_cfg(make_tiny_llama(tmp_path / "untied", smollm2_dir, tied=False), tmp_path / "run", max_steps=2,
+                   kernels="on", grad_checkpointing=True, offload_activations=True, offload_embeddings=True,
+                   evaluation_inputs=["Who are you?"], sample_steps=1, max_new_tokens=3, save_steps=0)
+    logs = []
+    with mock.patch.object(loop, "sample_chats", flaky):
+        res = loop.train(cfg, log=lambda *a: logs.append(" ".join(map(str, a))))
+    # steps 0 and 1: a failed try, then the whole model; step 2 (the end): the whole model handed back
+    assert states == [True, False, True, False, False], states
+    assert sum("sampling with the embedding in host memory failed" in x for x in logs) == 2
+    assert len(res.losses) == 2 and sorted(res.samples) == [0, 1, 2] and all(res.samples.values())

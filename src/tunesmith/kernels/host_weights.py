@@ -11,8 +11,9 @@ sit in GPU memory through the whole step, the backward pass included, although n
   waits for that copy, and the GPU copy is dropped as soon as the loss is computed. The backward pass, where the
   step's memory peaks, runs without it.
 
-Between steps both matrices are host tensors. Anything that needs the whole model on the GPU (sample generation
-during training, the trained model handed back) calls :meth:`HostWeights.restore` first. Used where the layers'
+Between steps both matrices are host tensors. Sample generation during training brings only the head to the GPU
+(:meth:`HostWeights.for_generation`; the embedding rows are still looked up on the host), so sampling needs less
+memory than a training step's forward pass; the trained model handed back gets both (:meth:`HostWeights.restore`). Used where the layers'
 activations are offloaded already (one device per process, no FSDP sharding); ``train.offload_embeddings`` turns
 it off. The reference is the same model with both matrices on the GPU (``tests/test_kernels.py``).
 """
@@ -92,7 +93,19 @@ class HostWeights:
         if self.head is not None:
             self.head.weight.data = self.h_host
         swap_forward(self.emb, _embed_forward)
-        self.active = True
+        self.active, self.generating = True, False
+
+    def for_generation(self) -> None:
+        """Sampling mid-run: the head on the GPU for the logits, the embedding still on the host (a tied matrix comes
+        back whole). :meth:`offload` afterwards, as after a loss."""
+        if not self.active:
+            return
+        if self.head is None or self.tied:
+            self.restore()
+            return
+        self.head.weight.data = self.h_host.to(self.device)
+        self.ready = self.stash = None
+        self.generating = True
 
     def restore(self) -> None:
         """The plain model again: both matrices on the GPU, the embedding's own forward."""
@@ -101,7 +114,7 @@ class HostWeights:
             self.head.weight.data = self.h_host.to(self.device)
         restore_forward(self.emb)
         self.ready = self.stash = None
-        self.active = False
+        self.active = self.generating = False
 
     # -- the embedding
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,12 @@ def _base_class(model) -> type:
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    """Where the model computes: its first parameter outside host memory (an embedding kept in host memory during
+    training comes first: kernels/host_weights.py), else the host."""
+    for p in model.parameters():
+        if p.device.type not in ("cpu", "meta"):
+            return p.device
+    return torch.device("cpu")
 
 
 def _sample(logits: torch.Tensor, p: GenParams, gen: torch.Generator | None) -> int:

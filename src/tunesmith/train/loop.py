@@ -278,8 +278,16 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
             return
         # a sharded model needs every rank in each forward pass: all ranks generate, rank 0 logs
         if hostw is not None:
-            hostw.restore()  # generation runs the plain model
-        answers = root(sample_chats, tokenizer, tc.evaluation_inputs, tc.system, tc.max_new_tokens)
+            hostw.for_generation()  # the head on the GPU for the logits; embedding rows still from the host
+        try:
+            answers = root(sample_chats, tokenizer, tc.evaluation_inputs, tc.system, tc.max_new_tokens)
+        except Exception as e:  # noqa: BLE001 — not the user's doing: once more with the plain model
+            if hostw is None or not hostw.active:
+                raise
+            log(f"sampling with the embedding in host memory failed ({type(e).__name__}: {str(e)[:200]}); "
+                "sampling with the whole model on the device")
+            hostw.restore()
+            answers = root(sample_chats, tokenizer, tc.evaluation_inputs, tc.system, tc.max_new_tokens)
         if hostw is not None and step != total_steps:
             hostw.offload()
         result.samples[step] = answers
