@@ -426,6 +426,7 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
             data = work / "data.jsonl"
             data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                                      {"role": "assistant", "content": "hello"}]}) + "\n")
+            sampling = bool(os.environ.get("TS_BENCH_SAMPLE")) and device.type == "cuda"
             cfg = Config.model_validate({
                 "model": {"name": cmd["folder"], "dtype": "auto"},
                 "method": cmd["method"],
@@ -437,7 +438,8 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
                           "compile": {"1": True, "0": False}.get(os.environ.get("TS_BENCH_COMPILE", ""), "auto"),
                           "offload_embeddings": {"1": True, "0": False}.get(os.environ.get("TS_BENCH_HOSTEMB", ""),
                                                                            "auto"),
-                          "save_steps": 0, "sample_steps": 0, "save_total_limit": 1, "evaluation_inputs": [],
+                          "save_steps": 0, "sample_steps": warm if sampling else 0, "save_total_limit": 1,
+                          "evaluation_inputs": ["Who are you?"] if sampling else [], "max_new_tokens": 16,
                           "device": cmd["device"]},
                 "eval": {"enabled": False},
                 "work_dir": str(work / "run"),
@@ -465,10 +467,24 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
                     torch.cuda.synchronize(device) if device.type == "cuda" else None
                     prof.stop()
 
+            sample_peaks: list[tuple[float, float]] = []  # (peak before, peak while sampling), GiB
+
+            def sample_hook(*a, _orig=loop.sample_chats, **k):  # diagnosis only: resets the peak
+                before = torch.cuda.max_memory_allocated(device) / 2**30
+                torch.cuda.reset_peak_memory_stats(device)
+                out = _orig(*a, **k)
+                sample_peaks.append((round(before, 3), round(torch.cuda.max_memory_allocated(device) / 2**30, 3)))
+                torch.cuda.reset_peak_memory_stats(device)
+                return out
+
             with mock.patch.object(loop, "prepare", lambda *a, _p=prepared, **k: _p), \
-                    mock.patch.object(loop.RunLogger, "step", step_hook):
+                    mock.patch.object(loop.RunLogger, "step", step_hook), \
+                    mock.patch.object(loop, "sample_chats", sample_hook if sampling else loop.sample_chats):
                 res = loop.train(cfg, log=lambda *a: print("[tunesmith]", *a, flush=True))
             alloc, reserved = _mem_peak(device, base)
+            if sample_peaks:  # the training peak is the largest "before"; mid-run samples are all but the first and last
+                alloc = max(alloc or 0.0, *(b for b, _ in sample_peaks))
+                print(f"[tunesmith] peak GiB before / while sampling: {sample_peaks}", flush=True)
             if step_peaks:
                 alloc = max(alloc or 0.0, *step_peaks)  # the per-step resets above hide earlier peaks from _mem_peak
                 print(f"[tunesmith] peak GiB by step: {step_peaks}", flush=True)
@@ -482,6 +498,7 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
 
             emit(op="result", workload=wl, tok_s=tokens / seconds, tokens=tokens, seconds=seconds,
                  lean_recompute=_lora.stats["marked"] > 0,
+                 sample_peak_gib=max((w for _, w in sample_peaks[1:-1]), default=None),
                  peak_gib=alloc, peak_reserved_gib=reserved, loss_first=res.losses[0], loss_last=res.losses[-1],
                  losses=res.losses, wall_s=time.perf_counter() - t_start,
                  note=f"{len(rows)} packed rows, {sum(len(r.lengths) for r in rows[:need])} samples trained"
