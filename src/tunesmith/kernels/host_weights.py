@@ -12,10 +12,10 @@ sit in GPU memory through the whole step, the backward pass included, although n
   step's memory peaks, runs without it.
 
 Between steps both matrices are host tensors. Sample generation during training brings only the head to the GPU
-(:meth:`HostWeights.for_generation`; the embedding rows are still looked up on the host), so sampling needs less
-memory than a training step's forward pass; the trained model handed back gets both (:meth:`HostWeights.restore`). Used where the layers'
-activations are offloaded already (one device per process, no FSDP sharding); ``train.offload_embeddings`` turns
-it off. The reference is the same model with both matrices on the GPU (``tests/test_kernels.py``).
+(:meth:`HostWeights.for_generation`; the embedding rows are still looked up on the host); the trained model handed
+back gets both (:meth:`HostWeights.restore`). Used where the layers' activations are offloaded already (one device
+per process, no FSDP sharding); ``train.offload_embeddings`` turns it off. The reference is the same model with
+both matrices on the GPU (``tests/test_kernels.py``).
 """
 
 from __future__ import annotations

@@ -24,13 +24,14 @@ another dropout or base layer type) keeps PEFT's own forward. The reference is P
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
 
 import torch
 import torch.nn as nn
 
-from . import offload, restore_forwards, swap_forward
+from . import ORIG, offload, restore_forwards, swap_forward
 from .fused import _fn
 
 try:  # the Triton NF4 kernel (CUDA builds of torch ship Triton)
@@ -301,8 +302,6 @@ def mark_unused_outputs(model: nn.Module) -> int:
     gradients need only W, x and x A^T; NF4 weights are not dequantised for it). Saves over a quarter of a layer's
     recompute matmuls (27-29 % on InternLM2-1.8B, Qwen2.5-0.5B and 7B);
     ``TUNESMITH_LEAN_RECOMPUTE=0`` turns it off (A/B runs). Returns how many were marked."""
-    import os
-
     if os.environ.get("TUNESMITH_LEAN_RECOMPUTE") == "0":
         return 0
     n = 0
@@ -310,7 +309,7 @@ def mark_unused_outputs(model: nn.Module) -> int:
         if type(layer).__name__ not in _RESIDUAL_MLP_LAYERS:
             continue
         down = getattr(getattr(layer, "mlp", None), "down_proj", None)
-        if down is not None and getattr(down, "forward", None) is not None and hasattr(down, "_orig_forward"):
+        if down is not None and hasattr(down, ORIG):  # a LoRA layer routed through `_fast_forward`
             setattr(down, UNUSED, True)
             n += 1
     stats["marked"] += n
