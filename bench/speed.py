@@ -820,7 +820,10 @@ def main(argv: list[str] | None = None) -> int:
         if site:
             extra.append(str(Path(site).resolve()))
         old = base_env.get("PYTHONPATH")
-        return dict(base_env, PYTHONPATH=os.pathsep.join(extra + ([old] if old else [])))
+        env = dict(base_env, PYTHONPATH=os.pathsep.join(extra + ([old] if old else [])))
+        if stack == "tunesmith":  # what the tunesmith command line sets (src/tunesmith/__init__.py)
+            env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        return env
 
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - t_begin:6.1f}s] {msg}", flush=True)

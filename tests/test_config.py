@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -55,3 +56,19 @@ def test_yaml_on_off_for_kernels(tmp_path):
     src.write_text("model: {name: x}\ndata: {files: [{path: d.jsonl}]}\ntrain: {kernels: off}\n")
     assert load_config(src).train.kernels == "off"
     assert load_config(src, ["train.kernels=on"]).train.kernels == "on"
+
+
+def test_cli_sets_the_cuda_allocator_default_unless_the_user_did(monkeypatch):
+    import tunesmith
+    from tunesmith import cli
+
+    for user, want in ((None, tunesmith.CUDA_ALLOC_CONF), ("max_split_size_mb:64", "max_split_size_mb:64")):
+        if user is None:
+            monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+        else:
+            monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", user)
+        monkeypatch.setattr(sys, "argv", ["tunesmith", "--help"])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        assert e.value.code == 0
+        assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == want

@@ -359,6 +359,9 @@ def main() -> None:
     import click
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from . import set_allocator_default
+
+    set_allocator_default()  # before torch is imported
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
