@@ -494,10 +494,10 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
             seconds = recs[-1]["time"] - recs[warm - 1]["time"]
             tokens = sum(len(r.input_ids) for r in rows[warm * batch:n_steps * batch])
             _save_profile(prof, f"{cmd['shape']}-{cmd['method']}-{wl}-tunesmith", seconds, steps)
-            from tunesmith.kernels import lora as _lora
+            from tunesmith.kernels import lean as _lean
 
             emit(op="result", workload=wl, tok_s=tokens / seconds, tokens=tokens, seconds=seconds,
-                 lean_recompute=_lora.stats["marked"] > 0,
+                 lean_recompute=_lean.stats["marked"] > 0,
                  sample_peak_gib=max((w for _, w in sample_peaks[1:-1]), default=None),
                  peak_gib=alloc, peak_reserved_gib=reserved, loss_first=res.losses[0], loss_last=res.losses[-1],
                  losses=res.losses, wall_s=time.perf_counter() - t_start,

@@ -293,21 +293,21 @@ def test_lean_recompute_skips_the_down_projection_with_equal_gradients(tiny_dir,
     from torch.utils.flop_counter import FlopCounterMode
 
     from tunesmith import kernels
-    from tunesmith.kernels import compiled, lora
+    from tunesmith.kernels import compiled, lean
 
     cpu = torch.device("cpu")
     ref = _ckpt_lora_model(tiny_dir, "qlora", dropout)
     got = _ckpt_lora_model(tiny_dir, "qlora", dropout)
     kernels.apply(ref, device=cpu, method="qlora", kernels="auto", compile_layers=compiled_layers)
     kernels.apply(got, device=cpu, method="qlora", kernels="auto", compile_layers=compiled_layers)
-    marked = [n for n, m in got.named_modules() if getattr(m, lora.UNUSED, False)]
+    marked = [n for n, m in got.named_modules() if getattr(m, lean.UNUSED, False)]
     assert len(marked) == 2 and all(n.endswith("mlp.down_proj") for n in marked), marked
     for m in ref.modules():  # the reference recomputes every product
-        if hasattr(m, lora.UNUSED):
-            delattr(m, lora.UNUSED)
+        if hasattr(m, lean.UNUSED):
+            delattr(m, lean.UNUSED)
     try:
         ids = torch.randint(0, 1000, (2, 12))
-        before = lora.stats["unused"]
+        before = lean.stats["unused"]
         flops = []
         for m in (ref, got):
             if compiled_layers:  # (a dispatch mode would keep the compiled layers from running compiled)
@@ -318,7 +318,7 @@ def test_lean_recompute_skips_the_down_projection_with_equal_gradients(tiny_dir,
                 flops.append(fc.get_total_flops())
             if m is ref:
                 l0, g0 = loss, grads
-                assert lora.stats["unused"] == before
+                assert lean.stats["unused"] == before
             else:
                 l1, g1 = loss, grads
         if not compiled_layers:  # per layer: the down product (2·T·I·H) less the LoRA term standing in (2·T·r·H)
@@ -327,13 +327,75 @@ def test_lean_recompute_skips_the_down_projection_with_equal_gradients(tiny_dir,
             assert flops[0] - flops[1] == cfg.num_hidden_layers * 2 * t * cfg.hidden_size * (cfg.intermediate_size - r)
         assert compiled.active() == compiled_layers  # nothing fell back
         # eagerly two a step; compiled layers count nothing (no guard on a counter), the gradients show the skip
-        assert (lora.stats["unused"] > before) == (not compiled_layers)
+        assert (lean.stats["unused"] > before) == (not compiled_layers)
         assert torch.allclose(l1, l0, rtol=1e-6), (float(l1), float(l0))
         assert g0.keys() == g1.keys() and len(g0) == 4 * 7
         for k in g0:
             assert torch.allclose(g1[k], g0[k], rtol=1e-5, atol=1e-7), k
     finally:
         compiled.disable()
+
+
+@pytest.mark.parametrize("method,compiled_layers", [("full", False), ("full", True), ("lora", False),
+                                                     ("qlora", False)])
+def test_lean_recompute_of_plain_down_projections(tiny_dir, method, compiled_layers):
+    """Down projections that are not LoRA layers — full fine-tuning (trained weight and all), LoRA and QLoRA that do
+    not target them (a frozen bf16/fp32 or NF4 base) — skip their product in the recompute too: loss and every
+    gradient equal the full recompute's, and (eagerly) the FLOP count drops by exactly those products."""
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tunesmith import kernels
+    from tunesmith.config import LoraCfg
+    from tunesmith.kernels import compiled, lean
+    from tunesmith.models.load import add_lora, enable_checkpointing, load_model
+
+    def build():
+        torch.manual_seed(0)
+        m = load_model(str(tiny_dir), method=method)
+        if method == "full":
+            enable_checkpointing(m, offload=True)
+        else:
+            no_down = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
+            m = add_lora(m, LoraCfg(r=4, alpha=8, dropout=0.0, target_modules=no_down), grad_checkpointing=True,
+                         offload=True)
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.data.normal_(0, 0.1)
+        kernels.apply(m, device=torch.device("cpu"), method=method, kernels="auto", compile_layers=compiled_layers)
+        return m.train()
+
+    ref, got = build(), build()
+    downs = [m for n, m in got.named_modules() if n.endswith("mlp.down_proj")]
+    assert len(downs) == 2 and all(getattr(m, lean.UNUSED, False) for m in downs)
+    for m in ref.modules():
+        if hasattr(m, lean.UNUSED):
+            delattr(m, lean.UNUSED)
+    ids = torch.randint(0, 1000, (2, 12))
+    try:
+        flops, res, skipped = [], [], []
+        for m in (ref, got):
+            before = lean.stats["unused"]
+            if compiled_layers:
+                res.append(_ckpt_loss_and_grads(m, ids))
+            else:
+                with FlopCounterMode(display=False) as fc:
+                    res.append(_ckpt_loss_and_grads(m, ids))
+                flops.append(fc.get_total_flops())
+            skipped.append(lean.stats["unused"] - before)
+        assert compiled.active() == compiled_layers
+        assert skipped == ([0, 0] if compiled_layers else [0, 2])  # eagerly: one a layer (compiled: not counted)
+    finally:
+        compiled.disable()
+    (l0, g0), (l1, g1) = res
+    assert torch.allclose(l1, l0, rtol=1e-6), (float(l1), float(l0))
+    assert g0.keys() == g1.keys() and len(g0) >= 20  # full: 2 layers x 9 + embedding + norm; LoRA: 2 x 6 x 2
+    for k in g0:
+        assert torch.allclose(g1[k], g0[k], rtol=1e-5, atol=1e-6), k
+    if not compiled_layers and method != "qlora":  # (bitsandbytes' 4-bit matmul is not an op the counter sees)
+        cfg = got.config
+        assert flops[0] - flops[1] == cfg.num_hidden_layers * 2 * ids.numel() * cfg.hidden_size * cfg.intermediate_size
 
 
 def test_compiled_layers_take_packed_batches(tiny_dir):

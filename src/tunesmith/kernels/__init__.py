@@ -5,6 +5,7 @@
 - :mod:`.fused`      RMSNorm, SwiGLU and rotary embedding compiled into single kernels (CUDA);
 - :mod:`.attention`  packed rows attend per sample with PyTorch's variable-length flash attention (CUDA);
 - :mod:`.offload`    activation checkpointing that keeps layer inputs in pinned host memory (CUDA; not under FSDP);
+- :mod:`.lean`       that checkpoint's recompute skips the MLP down projection's unread product;
 - :mod:`.compiled`   each checkpointed decoder layer's body compiled by torch.compile (CUDA; not under FSDP);
 - :mod:`.nf4`        a Triton NF4 dequantisation kernel for large weights joined to a LoRA factor (compiled layers);
 - :mod:`.host_weights` the frozen embedding and output head in pinned host memory between uses (CUDA; not FSDP).
@@ -62,6 +63,9 @@ def apply(model, *, device: torch.device, method: str, kernels: str, compile_lay
 
         if patch_lora(model):
             used.append("lora")
+    from .lean import mark_unused_outputs
+
+    mark_unused_outputs(model)  # acts only inside tunesmith's offloaded checkpoint recompute
     if compile_layers:
         compiled.enable()
         used.append("compiled-layers")

@@ -24,14 +24,13 @@ another dropout or base layer type) keeps PEFT's own forward. The reference is P
 
 from __future__ import annotations
 
-import os
 import re
 import zlib
 
 import torch
 import torch.nn as nn
 
-from . import ORIG, offload, restore_forwards, swap_forward
+from . import lean, offload, restore_forwards, swap_forward
 from .fused import _fn
 
 try:  # the Triton NF4 kernel (CUDA builds of torch ship Triton)
@@ -139,13 +138,6 @@ def dropout_key(device: torch.device, salt: int) -> torch.Tensor:
 
 
 SALT = "_tunesmith_dropout_salt"
-UNUSED = "_tunesmith_output_unused"  # set on modules whose output only feeds the decoder layer's output
-
-# Decoder layers whose MLP output goes straight into the residual sum that is the layer's output
-# (``return residual + self.mlp(h)``): nothing in the backward pass reads the down projection's output (its input
-# gradient needs W, its LoRA gradients need x and x A^T), so the recompute of a checkpointed layer skips that
-# matmul (see `mark_unused_outputs`). Others (Gemma's norm after the MLP, MoE routers) are left alone.
-_RESIDUAL_MLP_LAYERS = {"LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer"}
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -164,11 +156,8 @@ class _LoraLinear(torch.autograd.Function):
         else:
             xd = x2
         xa = xd @ ac.t()
-        if unused:  # a recompute that never reads this output: the backward pass's inputs, and no base product.
-            # The small LoRA term stands in for the output: zeros here let Inductor's partitioner move the whole MLP
-            # of the recompute into the backward graph, where it held two more tokens x intermediate buffers at the
-            # peak (+0.58 GiB on the 7B LoRA row, eighth run); a term made from x A^T keeps it in the forward graph
-            y = xa @ bc.t()
+        if unused:  # a recompute that never reads this output (kernels/lean.py): no base product; the LoRA term,
+            y = xa @ bc.t()  # made from x, stands in for it
         elif not torch.compiler.is_compiling():
             y = x2 @ w.t()
             w = None  # a dequantised NF4 weight: free it before the adapter's matmuls
@@ -243,9 +232,6 @@ def _plain_base(base: nn.Module) -> bool:
     return isinstance(base, bnb.nn.Linear4bit) and getattr(base.weight, "quant_state", None) is not None
 
 
-stats = {"unused": 0, "marked": 0}  # eager module calls that skipped their product; modules marked (tests, bench)
-
-
 def _fast_forward(self, x, *args, **kwargs):
     """Replaces a PEFT ``lora.Linear.forward``; falls back to PEFT's whenever the layer is not the simple case."""
     active = self.active_adapters
@@ -265,11 +251,8 @@ def _fast_forward(self, x, *args, **kwargs):
     base = self.base_layer
     if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
         return self._orig_forward(x, *args, **kwargs)  # bitsandbytes' CPU inference layout: its own kernel
-    unused = getattr(self, UNUSED, False) and offload.replaying()
-    if unused and not torch.compiler.is_compiling():  # never in traced code: Dynamo would guard on the count
-        stats["unused"] += 1
     return lora_linear(x, self.lora_A[name].weight, self.lora_B[name].weight, base.bias, base, self.scaling[name], p,
-                       getattr(self, SALT, 0), unused)
+                       getattr(self, SALT, 0), lean.skip(self))
 
 
 def patch_lora(model: nn.Module) -> int:
@@ -292,27 +275,6 @@ def patch_lora(model: nn.Module) -> int:
             where = re.split(r"\.\d+\.", name)[-1]
             setattr(m, SALT, zlib.crc32(where.encode()) & 0x7FFFFFFF)
             n += swap_forward(m, _fast_forward)
-    mark_unused_outputs(model)
-    return n
-
-
-def mark_unused_outputs(model: nn.Module) -> int:
-    """Mark the patched MLP down projections of `model`'s decoder layers of a known residual form
-    (``_RESIDUAL_MLP_LAYERS``): recomputed by tunesmith's checkpoint function, they skip the base product (the
-    gradients need only W, x and x A^T; NF4 weights are not dequantised for it). Saves over a quarter of a layer's
-    recompute matmuls (27-29 % on InternLM2-1.8B, Qwen2.5-0.5B and 7B);
-    ``TUNESMITH_LEAN_RECOMPUTE=0`` turns it off (A/B runs). Returns how many were marked."""
-    if os.environ.get("TUNESMITH_LEAN_RECOMPUTE") == "0":
-        return 0
-    n = 0
-    for layer in model.modules():
-        if type(layer).__name__ not in _RESIDUAL_MLP_LAYERS:
-            continue
-        down = getattr(getattr(layer, "mlp", None), "down_proj", None)
-        if down is not None and hasattr(down, ORIG):  # a LoRA layer routed through `_fast_forward`
-            setattr(down, UNUSED, True)
-            n += 1
-    stats["marked"] += n
     return n
 
 

@@ -77,7 +77,7 @@ def layer_seed(device: torch.device) -> "torch.Tensor | None":
 def replaying() -> bool:
     """True while a checkpointed layer is being recomputed for its backward pass. There the layer's output is only
     the root of the backward pass: its values are never read, so a module whose output feeds nothing but the
-    layer's output (the MLP's down projection, see :func:`.lora.mark_unused_outputs`) may skip computing it."""
+    layer's output (the MLP's down projection, see :mod:`.lean`) may skip computing it."""
     return _state.replay
 
 
