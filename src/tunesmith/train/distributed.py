@@ -104,6 +104,9 @@ def close(d: Dist) -> None:
     if d.owns_group:
         import torch.distributed as dist
 
+        # every rank done (rank 0 may still be writing the final save) before any tears its connections down: a
+        # rank that left early once aborted in gloo's teardown ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 
