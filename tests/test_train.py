@@ -138,3 +138,23 @@ def test_fp16_loss_scaling_path_trains_like_the_unscaled_one(tiny_dir, tmp_path,
     assert made and made[0].get_scale() == 2.0 ** 12  # no overflow, no skipped step
     for x, y in zip(got.losses, ref.losses):
         assert abs(x - y) <= 1e-5 * abs(y)
+
+
+def test_row_stream_is_the_per_epoch_shuffles_in_order():
+    """Each epoch is a seeded shuffle of all rows; any window of the stream (a step, a resume point) is the same
+    slice of it, across epoch boundaries too."""
+    import random
+
+    from tunesmith.train.loop import row_stream
+
+    n, seed = 7, 3
+    epochs = []
+    for e in range(4):
+        perm = list(range(n))
+        random.Random(seed * 1_000_003 + e).shuffle(perm)
+        epochs += perm
+    assert row_stream(n, seed, 0, 4 * n) == epochs
+    for start, count in ((0, 3), (5, 4), (6, 9), (13, 1), (20, 8)):
+        assert row_stream(n, seed, start, count) == epochs[start:start + count]
+    assert sorted(row_stream(n, seed, 2 * n, n)) == list(range(n))  # an epoch holds every row once
+    assert row_stream(n, seed + 1, 0, n) != row_stream(n, seed, 0, n)

@@ -10,6 +10,7 @@ no-op for one process.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -102,16 +103,22 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n_rows: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """One epoch's shuffle, made once (each step reads a slice of it: a big dataset's shuffle is not cheap)."""
+    perm = list(range(n_rows))
+    random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+    return tuple(perm)
+
+
 def row_stream(n_rows: int, seed: int, start: int, count: int) -> list[int]:
     """Row indices [start, start+count) of an endless stream of per-epoch shuffles; resume needs only `start`."""
-    out = []
+    out: list[int] = []
     i = start
     while len(out) < count:
         epoch, k = divmod(i, n_rows)
-        perm = list(range(n_rows))
-        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
         take = min(count - len(out), n_rows - k)
-        out += perm[k:k + take]
+        out += _epoch_order(n_rows, seed, epoch)[k:k + take]
         i += take
     return out
 
