@@ -44,8 +44,8 @@ def skip(module: nn.Module) -> bool:
     return unused
 
 
-def _frozen_base(m: nn.Module) -> bool:
-    """A plain linear layer (trained or frozen) or a bitsandbytes NF4 one, as the LoRA function's bases are."""
+def _plain_linear(m: nn.Module) -> bool:
+    """A plain linear layer (trained or frozen) or a bitsandbytes NF4 one (frozen)."""
     if type(m) is nn.Linear:
         return True
     try:
@@ -115,7 +115,7 @@ def mark_unused_outputs(model: nn.Module) -> int:
         if hasattr(down, ORIG):  # a LoRA layer routed through the LoRA function
             setattr(down, UNUSED, True)
             n += 1
-        elif _frozen_base(down) and down.in_features >= down.out_features and swap_forward(down, _lean_forward):
+        elif _plain_linear(down) and down.in_features >= down.out_features and swap_forward(down, _lean_forward):
             setattr(down, UNUSED, True)
             n += 1
     stats["marked"] += n
