@@ -347,7 +347,7 @@ def _kernel_kind(name: str) -> str:
         return "attention"
     if any(k in n for k in ("gemm", "nvjet", "cutlass", "xmma", "splitk", "sm90_", "matmul")):
         return "gemm"
-    if n.startswith("triton_") or "triton" in n or n.startswith("_"):
+    if "triton" in n or n.startswith("_"):
         return "triton"
     if "nccl" in n:
         return "nccl"
@@ -368,7 +368,8 @@ def _save_profile(prof, name: str, seconds: float, steps: int) -> None:
     ops = sum(e.count for e in ev if e.key.startswith("aten::"))
     cats: dict[str, float] = {}
     for e in kern:
-        cats[_kernel_kind(e.key)] = cats.get(_kernel_kind(e.key), 0.0) + e.self_device_time_total / 1e3 / steps
+        kind = _kernel_kind(e.key)
+        cats[kind] = cats.get(kind, 0.0) + e.self_device_time_total / 1e3 / steps
     head = (f"{name}: wall {seconds / steps * 1e3:.1f} ms/step, GPU kernel and copy time {dev / steps:.1f} ms/step "
             f"({100 * dev / 1e3 / seconds:.0f} % of wall; copies overlap), {launches / steps:.0f} kernel "
             f"launches/step, {ops / steps:.0f} aten ops/step\n"

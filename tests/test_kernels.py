@@ -239,6 +239,14 @@ def _ckpt_lora_model(tiny_dir, method, dropout):
     return _lora_model(tiny_dir, method, dropout, offloaded_checkpointing=True)
 
 
+def _assert_same_loss_and_grads(l0, g0, l1, g1, loss_rtol, rtol, atol):
+    """The second run's loss and gradients (`l1`, `g1`) equal the reference's (`l0`, `g0`), parameter by parameter."""
+    assert torch.allclose(l1, l0, rtol=loss_rtol), (float(l1), float(l0))
+    assert g0.keys() == g1.keys()
+    for k in g0:
+        assert torch.allclose(g1[k], g0[k], rtol=rtol, atol=atol), k
+
+
 def _ckpt_loss_and_grads(model, ids):
     from tunesmith.train.loss import causal_lm_loss_sum
 
@@ -276,10 +284,8 @@ def test_compiled_layers_match_eager_layers(tiny_dir, dropout):
             l1, g1 = _ckpt_loss_and_grads(got, ids)
             assert compiled.active()  # still compiled: nothing fell back
             assert compiled.stats["compiled"] == before + 2 * 2  # two layers, forward and recompute
-            assert torch.allclose(l1, l0, rtol=1e-5), (float(l1), float(l0))
-            assert g0.keys() == g1.keys() and len(g0) == 4 * 7
-            for k in g0:
-                assert torch.allclose(g1[k], g0[k], rtol=1e-4, atol=1e-6), k
+            assert len(g0) == 4 * 7
+            _assert_same_loss_and_grads(l0, g0, l1, g1, 1e-5, rtol=1e-4, atol=1e-6)
     finally:
         compiled.disable()
 
@@ -328,10 +334,8 @@ def test_lean_recompute_skips_the_down_projection_with_equal_gradients(tiny_dir,
         assert compiled.active() == compiled_layers  # nothing fell back
         # eagerly two a step; compiled layers count nothing (no guard on a counter), the gradients show the skip
         assert (lean.stats["unused"] > before) == (not compiled_layers)
-        assert torch.allclose(l1, l0, rtol=1e-6), (float(l1), float(l0))
-        assert g0.keys() == g1.keys() and len(g0) == 4 * 7
-        for k in g0:
-            assert torch.allclose(g1[k], g0[k], rtol=1e-5, atol=1e-7), k
+        assert len(g0) == 4 * 7
+        _assert_same_loss_and_grads(l0, g0, l1, g1, 1e-6, rtol=1e-5, atol=1e-7)
     finally:
         compiled.disable()
 
@@ -389,10 +393,8 @@ def test_lean_recompute_of_plain_down_projections(tiny_dir, method, compiled_lay
     finally:
         compiled.disable()
     (l0, g0), (l1, g1) = res
-    assert torch.allclose(l1, l0, rtol=1e-6), (float(l1), float(l0))
-    assert g0.keys() == g1.keys() and len(g0) >= 20  # full: 2 layers x 9 + embedding + norm; LoRA: 2 x 6 x 2
-    for k in g0:
-        assert torch.allclose(g1[k], g0[k], rtol=1e-5, atol=1e-6), k
+    assert len(g0) >= 20  # full: 2 layers x 9 + embedding + norm; LoRA: 2 x 6 x 2
+    _assert_same_loss_and_grads(l0, g0, l1, g1, 1e-6, rtol=1e-5, atol=1e-6)
     if not compiled_layers and method != "qlora":  # (bitsandbytes' 4-bit matmul is not an op the counter sees)
         cfg = got.config
         assert flops[0] - flops[1] == cfg.num_hidden_layers * 2 * ids.numel() * cfg.hidden_size * cfg.intermediate_size

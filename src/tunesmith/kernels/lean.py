@@ -45,14 +45,11 @@ def skip(module: nn.Module) -> bool:
 
 
 def _plain_linear(m: nn.Module) -> bool:
-    """A plain linear layer (trained or frozen) or a bitsandbytes NF4 one (frozen)."""
-    if type(m) is nn.Linear:
-        return True
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return False
-    return isinstance(m, bnb.nn.Linear4bit) and getattr(m.weight, "quant_state", None) is not None
+    """A plain linear layer (trained or frozen) or a bitsandbytes NF4 one: the LoRA function's bases, and trained
+    plain layers (full fine-tuning)."""
+    from .lora import _plain_base  # (lora imports this module)
+
+    return type(m) is nn.Linear or _plain_base(m)
 
 
 class _LeanLinear(torch.autograd.Function):
