@@ -370,3 +370,55 @@ def test_host_kept_embedding_and_head_cuda(tied):
         assert not m.get_input_embeddings().weight.is_cuda and not m.get_output_embeddings().weight.is_cuda
     hostw.restore()
     assert m.get_output_embeddings().weight.is_cuda and _rel(step(None)[0], want_loss) < 1e-5
+
+
+@pytest.mark.parametrize("compile_layers", [False, True])
+def test_a_training_step_never_waits_for_the_device_cuda(compile_layers):
+    """The loop's step (batch sent from pinned memory, loss positions chosen on the host, offloaded checkpoints,
+    fused loss, clipping, fused AdamW) queues its work without a single host-device sync, so the host prepares the
+    next batch while the GPU computes. CUDA's sync debug mode raises on any sync inside the step."""
+    from tunesmith import kernels
+    from tunesmith.data.packing import Row, collate
+    from tunesmith.data.template import Rendered
+    from tunesmith.kernels import compiled
+    from tunesmith.models.load import enable_checkpointing
+    from tunesmith.train.loop import to_device
+    from tunesmith.train.loss import causal_lm_loss_sum
+
+    m = _tiny_qwen("lora")
+    enable_checkpointing(m, offload=True)
+    dev = torch.device("cuda")
+    kernels.apply(m, device=dev, method="lora", kernels="auto", compile_layers=compile_layers)
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for n in ((200, 56), (256,)):  # a packed row and a full one: variable-length attention
+        r = Row()
+        for k in n:
+            ids = torch.randint(0, 4096, (k,), generator=g).tolist()
+            r.add(Rendered(ids, [-100] * (k // 2) + ids[k // 2:]))
+        rows.append(r)
+
+    def step():
+        b = to_device(collate(rows, 0), dev)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            s, _ = causal_lm_loss_sum(m, b, None, True)
+        (s / 100).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return s.detach()
+
+    try:
+        for _ in range(2):  # compiling, cuBLAS workspaces, the optimizer's state, pinned blocks: first
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            s = step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert torch.isfinite(s)
+    finally:
+        compiled.disable()

@@ -39,7 +39,12 @@ def test_train_writes_peft_adapter_metrics_and_curve(tiny_dir, tmp_path):
     PeftModel.from_pretrained(base, str(res.output_dir))
     work = tmp_path / "run"
     lines = (work / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == list(range(1, 13))
+    recs = [json.loads(x) for x in lines]
+    assert [r["step"] for r in recs] == list(range(1, 13))
+    assert [r["loss"] for r in recs] == res.losses  # logged a step late, but each with its own step's numbers
+    assert recs[0]["lr"] == pytest.approx(5e-3 / 2)  # the rate the step trained with (warmup: 2 steps)
+    assert recs[2]["lr"] == pytest.approx(5e-3)
+    assert all(r["grad_norm"] > 0 for r in recs)
     assert (work / "loss.png").stat().st_size > 1000
     assert list((work / "tensorboard").iterdir())
     assert sorted(p.name for p in (work / "samples").iterdir()) == ["step-000000.json", "step-000006.json",
@@ -158,3 +163,32 @@ def test_row_stream_is_the_per_epoch_shuffles_in_order():
         assert row_stream(n, seed, start, count) == epochs[start:start + count]
     assert sorted(row_stream(n, seed, 2 * n, n)) == list(range(n))  # an epoch holds every row once
     assert row_stream(n, seed + 1, 0, n) != row_stream(n, seed, 0, n)
+
+
+def test_trained_positions_pick_the_rows_a_boolean_mask_would():
+    """The loss takes its positions from host-made indices (no device sync); they must equal the mask selection,
+    for cross-entropy and for KL samples, with padding and rows of several samples."""
+    from tunesmith.data.template import IGNORE
+    from tunesmith.train.loop import to_device
+    from tunesmith.train.loss import trained_positions
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 50, (3, 9), generator=g)
+    labels[torch.rand(3, 9, generator=g) < 0.4] = IGNORE
+    labels[2, 5:] = IGNORE  # padding
+    kl = torch.zeros(3, 9, dtype=torch.bool)
+    kl[1, 4:] = True
+    hidden = torch.randn(3, 9, 5, generator=g)
+    keep = labels[:, 1:] != IGNORE
+    for batch, kl_keep in (({"labels": labels}, None), ({"labels": labels, "kl_mask": kl}, keep & kl[:, 1:])):
+        pos = trained_positions(batch)
+        ce = keep if kl_keep is None else keep & ~kl_keep
+        flat = hidden.reshape(-1, 5)
+        assert torch.equal(flat[pos["loss_index"]], hidden[:, :-1][ce])
+        assert torch.equal(pos["loss_targets"], labels[:, 1:][ce])
+        if kl_keep is None:
+            assert "kl_index" not in pos
+        else:
+            assert kl_keep.sum() > 0 and torch.equal(flat[pos["kl_index"]], hidden[:, :-1][kl_keep])
+    sent = to_device({"labels": labels, "input_ids": labels.clamp(min=0), "max_seqlen": 9}, torch.device("cpu"))
+    assert sent["max_seqlen"] == 9 and torch.equal(sent["loss_index"], trained_positions({"labels": labels})["loss_index"])

@@ -310,14 +310,15 @@ def step_seed(d: Dist, seed: int, step: int) -> None:
         torch.manual_seed((seed * 1_000_003 + step) * 1009 + d.rank)
 
 
-def all_sum(d: Dist, x: float) -> float:
+def all_sum(d: Dist, x: torch.Tensor) -> torch.Tensor:
+    """The sum of `x` (a tensor on this rank's device) over the ranks, without waiting for it on the host."""
     if not d.sharded:
         return x
     import torch.distributed as dist
 
-    t = torch.tensor([x], dtype=torch.float64, device=d.device)
+    t = x.detach().clone()
     dist.all_reduce(t)
-    return float(t)
+    return t
 
 
 # gradients summed per all-reduce call (fp32 elements: 256 MiB); a 7B model's r=64 LoRA takes three

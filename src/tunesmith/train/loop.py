@@ -36,7 +36,7 @@ from ..serve.generate import GenParams, chat_once
 from . import checkpoint as ck
 from . import distributed
 from .logging import RunLogger
-from .loss import causal_lm_loss_sum
+from .loss import causal_lm_loss_sum, trained_positions
 
 
 @dataclass
@@ -75,6 +75,41 @@ class _PhaseTimer:
         print(f"[timing] rank {self.rank} step {step}: {body} | total {1e3 * total:.1f} ms", file=sys.stderr,
               flush=True)
         self.parts = []
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch, with the positions its loss is taken at (`trained_positions`), sent to `device`: from pinned
+    memory without waiting, on a GPU (a copy from ordinary memory would first wait for all queued work)."""
+    b = {**batch, **trained_positions(batch)}
+    if device.type != "cuda":
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in b.items()}
+
+
+class _StepStats:
+    """One step's loss sum and gradient norm, copied to the host behind the step's work and read when the next
+    step's batch is on its way: the host never waits for the device in between, so it prepares the next batch (and
+    its embedding rows) while the device still computes. Each step is logged at the start of the next one, once
+    the device has finished it (the log's time stamps are those of finished steps)."""
+
+    def __init__(self, step: int, loss_sum: torch.Tensor, gnorm: torch.Tensor | None, n_tok: int, tokens: int,
+                 lr: float):
+        self.step, self.n_tok, self.tokens, self.lr = step, n_tok, tokens, lr
+        vals = torch.stack([loss_sum.float(), (gnorm if gnorm is not None else loss_sum.new_zeros(())).float()])
+        self.done = None
+        if vals.device.type == "cuda":
+            self.vals = vals.to("cpu", non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.vals = vals
+
+    def read(self) -> tuple[float, float]:
+        if self.done is not None:
+            self.done.synchronize()
+        loss_sum, gnorm = self.vals.tolist()
+        return loss_sum, gnorm
 
 
 def seed_all(seed: int) -> None:
@@ -305,6 +340,21 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     model.train()
     t_last, tokens_since = time.perf_counter(), 0
     phases = _PhaseTimer(dist.rank, device) if os.environ.get("TUNESMITH_STEP_TIMING") else None
+    pending: _StepStats | None = None  # the last step's numbers, read once the device has them (see _StepStats)
+
+    def flush() -> None:
+        nonlocal pending, t_last, tokens_since
+        if pending is None:
+            return
+        p, pending = pending, None
+        loss_sum, gnorm = p.read()
+        loss = loss_sum / max(1, p.n_tok)
+        now = time.perf_counter()  # after the device finished that step
+        result.losses.append(loss)
+        logger.step(p.step, loss=loss, lr=p.lr, grad_norm=gnorm, epoch=p.step * per_step_rows / len(rows),
+                    tokens=p.tokens, seconds=now - t_last)
+        t_last = now
+
     for step in range(start_step, total_steps):
         # the whole global step's rows, known to every rank; each rank trains on its share of the micro-batches
         idx = row_stream(len(rows), tc.seed, step * per_step_rows, per_step_rows)
@@ -312,21 +362,24 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
                  for j in range(0, len(idx), tc.batch_size)]
         n_tok_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         tokens_since += sum(len(rows[i].input_ids) for i in idx)  # real tokens, padding not counted
+        # this rank's micro-batches start for the device (pinned memory, no wait) while it finishes the last step
+        staged = [(to_device(b, device), b["input_ids"]) for b in distributed.share(dist, micro)]
+        if hostw is not None:
+            hostw.prepare(staged[0][1], staged[0][0]["input_ids"])  # the first one's embedding rows, from the host
+        flush()
         distributed.step_seed(dist, tc.seed, step)
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         if phases:
             phases.mark("data")
-        for b in distributed.share(dist, micro):
-            ids_host = b["input_ids"]
-            b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-            if hostw is not None:
+        for k, (b, ids_host) in enumerate(staged):
+            if hostw is not None and k:
                 hostw.prepare(ids_host, b["input_ids"])
             with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
                 s, _ = root(causal_lm_loss_sum, b, None, "linear-ce" in fast)
             scaler.scale(s / max(1, n_tok_step)).backward()  # FSDP sums (not averages) these over ranks
             if hostw is not None:
                 hostw.release_head()  # where the loss could not (a KL batch, the unfused loss)
-            loss_sum += float(s.detach())
+            loss_sum += s.detach().float()
         if phases:
             phases.mark("compute")
         loss_sum = distributed.all_sum(dist, loss_sum)
@@ -336,25 +389,25 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
         if phases:
             phases.mark("grad-sync")
         scaler.unscale_(optimizer)  # fp16 only: true gradients before clipping (a no-op otherwise)
-        gnorm = distributed.clip_grad_norm(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else torch.tensor(0.0)
+        gnorm = distributed.clip_grad_norm(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else None
         scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
         scaler.update()
+        lr = scheduler.get_last_lr()[0]
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_sum / max(1, n_tok_step)
+        pending = _StepStats(step + 1, loss_sum, gnorm, n_tok_step, tokens_since, lr)
+        tokens_since = 0
         if phases:
             phases.mark("optimizer")
             phases.flush(step + 1)
-        result.losses.append(loss)
-        now = time.perf_counter()
-        logger.step(step + 1, loss=loss, lr=scheduler.get_last_lr()[0], grad_norm=float(gnorm),
-                    epoch=(step + 1) * per_step_rows / len(rows), tokens=tokens_since, seconds=now - t_last)
-        t_last, tokens_since = now, 0
         done = step + 1
         if tc.sample_steps and done % tc.sample_steps == 0 and done != total_steps:
+            flush()
             do_samples(done)
         if tc.save_steps and done % tc.save_steps == 0 and done != total_steps:
+            flush()
             save(done)
+    flush()
     if hostw is not None:
         hostw.restore()  # the trained model is handed back whole
     do_samples(total_steps)

@@ -37,6 +37,32 @@ def base_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
 
+def trained_positions(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Where the loss is taken, as rows of the flattened hidden states (position p of row b is row b*width + p; the
+    token at p+1 is its target): `loss_index` and `loss_targets` for cross-entropy, and `kl_index` for the
+    self-distillation samples of `kl_mask` (when the batch has one).
+
+    Computed wherever `batch` lives. The training loop computes them on the host before sending the batch, so the
+    loss never asks the device which positions are trained (selecting by a boolean mask there waits for the whole
+    forward pass, and leaves the device idle while the host catches up)."""
+    labels = batch["labels"]
+    width = labels.shape[1]
+    keep = labels[:, 1:] != IGNORE
+    kl_keep = None
+    if batch.get("kl_mask") is not None:
+        kl_keep = keep & batch["kl_mask"][:, 1:]
+        keep = keep & ~kl_keep
+
+    def rows(mask: torch.Tensor) -> torch.Tensor:
+        b, p = mask.nonzero(as_tuple=True)
+        return b * width + p
+
+    out = {"loss_index": rows(keep), "loss_targets": labels[:, 1:][keep]}
+    if kl_keep is not None:
+        out["kl_index"] = rows(kl_keep)
+    return out
+
+
 def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int | None = None,
                        fused: bool = False) -> tuple[torch.Tensor, int]:
     """Sum of next-token losses over trained tokens, and their count.
@@ -52,22 +78,18 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int | None 
     training (B = 0) this term is exactly zero; it grows only where training moves the model away from the
     base on ordinary prompts.
     """
-    labels = batch["labels"]
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
     out = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                   **decoder_kwargs(model, batch))  # sample boundaries, when attention is variable-length
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    kl_keep = None
-    if batch.get("kl_mask") is not None:
-        kl_keep = keep & batch["kl_mask"][:, 1:]
-        keep = keep & ~kl_keep
-    h = hidden[:, :-1][keep]
-    t = targets[keep]
-    n = int(t.numel())
-    n_kl = 0 if kl_keep is None else int(kl_keep.sum())
+    pos = batch if "loss_index" in batch else trained_positions(batch)  # the loop sends them with the batch
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    h = flat.index_select(0, pos["loss_index"])
+    t = pos["loss_targets"]
+    kl_index = pos.get("kl_index")
+    n = t.numel()  # sizes, not values: no wait for the device
+    n_kl = 0 if kl_index is None else kl_index.numel()
     from ..kernels import host_weights
 
     hostw = host_weights.of(model)
@@ -100,8 +122,9 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], chunk: int | None 
     if n_kl:
         if hostw is not None:
             hostw.head_weight()
-        hk = hidden[:, :-1][kl_keep]
-        bk = base_hidden_states(model, batch)[:, :-1][kl_keep].to(hk.dtype)
+        hk = flat.index_select(0, kl_index)
+        base = base_hidden_states(model, batch)
+        bk = base.reshape(-1, base.shape[-1]).index_select(0, kl_index).to(hk.dtype)
         from ..kernels.linear_ce import default_chunk
 
         kc = asked or default_chunk(head.weight.shape[0])  # two fp32 logit blocks a chunk: keep them small
