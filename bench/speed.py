@@ -287,6 +287,12 @@ def _mem_reset(device) -> tuple[int, int]:
     gc.collect()
     if device.type != "cuda":
         return 0, 0
+    # cuBLAS keeps a workspace per thread that runs matmuls (the forward's, and autograd's backward thread): made
+    # before the count starts, for every stack and every row alike, not by whichever row happens to run first
+    a = torch.ones(64, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    torch.nn.functional.linear(a, a, a[0]).float().sum().backward()
+    del a
+    torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)

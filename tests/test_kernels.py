@@ -164,6 +164,33 @@ def test_lora_function_with_dropout_in_eval_equals_peft(tiny_dir):
     assert torch.allclose(got, want, atol=1e-5)  # no dropout in eval mode: the same function
 
 
+def test_patched_bf16_model_generates_without_autocast(tiny_dir, method="lora"):
+    """Sampling mid-run on a GPU runs without autocast, on a bf16 model whose adapters PEFT keeps in fp32: the
+    patched layers must hand the next layer (and the bf16 head) bf16, as PEFT's own forward does, and pick the same
+    tokens. (QLoRA: tests/test_kernels_cuda.py; bitsandbytes' CPU layout takes PEFT's own path anyway.)"""
+    from tunesmith.config import LoraCfg
+    from tunesmith.models.load import add_lora, load_model
+
+    m = add_lora(load_model(str(tiny_dir), method=method, dtype=torch.bfloat16), LoraCfg(r=4, alpha=8, dropout=0.0),
+                 grad_checkpointing=False)
+    assert {p.dtype for n, p in m.named_parameters() if "lora_" in n} == {torch.float32}
+    torch.manual_seed(0)
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.2)
+    m.eval()
+    ids = torch.randint(0, 1000, (1, 6))
+    with torch.no_grad():
+        want = m(input_ids=ids).logits
+        want_gen = m.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+        assert patch_lora(m) == 14
+        got = m(input_ids=ids).logits
+        got_gen = m.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert (got.float() - want.float()).abs().max() < 0.05 * want.float().abs().max()
+    assert torch.equal(got_gen, want_gen)
+
+
 def test_fused_modules_match_originals(tiny_dir):
     from transformers import AutoModelForCausalLM
 

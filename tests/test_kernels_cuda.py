@@ -422,3 +422,24 @@ def test_a_training_step_never_waits_for_the_device_cuda(compile_layers):
         assert torch.isfinite(s)
     finally:
         compiled.disable()
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_patched_model_generates_without_autocast_cuda(method):
+    """Mid-run samples: the patched (and compiled-for-training) bf16 model, adapters in fp32, generates without
+    autocast and picks the tokens PEFT's own layers pick."""
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
+    from tunesmith import kernels
+    from tunesmith.kernels.lora import unpatch_lora
+
+    m = _tiny_qwen(method).eval()
+    ids = torch.randint(0, 4096, (1, 12), device="cuda")
+    with torch.no_grad():
+        want = m(input_ids=ids).logits
+        kernels.apply(m, device=torch.device("cuda"), method=method, kernels="auto", compile_layers=False)
+        got = m(input_ids=ids).logits
+        gen = m.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+    unpatch_lora(m)
+    assert got.dtype == want.dtype == torch.bfloat16 and gen.shape[1] > ids.shape[1]
+    assert _rel(got, want) < 2e-2  # bf16 adapter products here, fp32 ones in PEFT's

@@ -216,7 +216,9 @@ def lora_linear(x, a, b, bias, base, scaling, dropout: float = 0.0, salt: int = 
     the root of the backward pass): a tensor of the right shape but other values comes back (the LoRA term alone,
     without the base product), the gradients are as usual."""
     dev = x.device.type
-    cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype, a.dtype)
+    # without autocast (generating mid-run, on a bf16 model whose adapters PEFT keeps in fp32) the layer computes in,
+    # and returns, its input's dtype, as the layers after it expect; the adapter's weights are cast, as autocast does
+    cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     key = dropout_key(x.device, salt) if dropout > 0.0 else None
     with torch.autocast(dev, enabled=False):
         return _LoraLinear.apply(x, a, b, bias, base, scaling, cd, float(dropout), key, unused)
