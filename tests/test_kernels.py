@@ -554,6 +554,28 @@ def test_varlen_attention_matches_masked_sdpa(tiny_dir, monkeypatch, gqa_arg):
         assert torch.allclose(loss, ref, rtol=1e-5)
         for k in ref_grads:
             assert torch.allclose(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6), k
+        # no mask from transformers (a stand-in, see attention._NO_MASK): where a call falls back to SDPA, the
+        # block-diagonal causal mask is built from the boundaries, and full rows attend causally
+        from tunesmith.kernels.attention import decoder_kwargs
+
+        assert decoder_kwargs(m, batch)["attention_mask"].shape == (1, 1, 1, 1)
+        with monkeypatch.context() as mp:
+            mp.setattr(attention._state, "op", None)  # every call falls back
+            loss, grads = run()
+            assert torch.allclose(loss, ref, rtol=1e-5)
+            for k in ref_grads:
+                assert torch.allclose(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6), k
+            single = [_row(16), _row(16)]
+            for r in single:
+                r.input_ids = torch.randint(3, 1000, (16,), generator=g).tolist()
+                r.labels = list(r.input_ids)
+            full = collate(single, 0)
+            assert "cu_seqlens" not in full
+            got_full = causal_lm_loss_sum(m, full, None, True)[0]
+            attention.unpatch_varlen(m)
+            want_full = causal_lm_loss_sum(m, full, None, True)[0]
+            assert attention.patch_varlen(m)
+            assert torch.allclose(got_full, want_full, rtol=1e-5)
         # a bidirectional layer never takes the (causal) varlen kernel
         q = torch.randn(1, 2, 5, 8)
         mask = torch.ones(1, 1, 5, 5, dtype=torch.bool)

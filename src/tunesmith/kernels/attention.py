@@ -93,6 +93,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         and key.shape[2] == s and hq % key.shape[1] == 0
         and (_state.scale_arg or scaling is None or abs(scaling - d ** -0.5) < 1e-6)
     )
+    if attention_mask is not None and attention_mask is _NO_MASK.get(query.device):
+        attention_mask = None if cu is None else _block_causal(cu, b, s)  # built only where it is used
     if not usable:
         return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     hk = key.shape[1]
@@ -144,13 +146,47 @@ def unpatch_varlen(model) -> None:
         cfg._attn_implementation = "sdpa"
 
 
+# Training batches of a model on this attention pass a stand-in 4-D mask (transformers hands a 4-D mask to the layers
+# as it is). Without one, transformers builds a mask each forward pass: for packed rows a block-diagonal one that the
+# varlen kernel never reads, and first it asks the device whether the position ids hold several samples
+# (`find_packed_sequence_indices`), a sync that stalls the host until all queued work is done. The stand-in is
+# replaced in `attention_forward`: by nothing (causal SDPA) for full rows, by the block-diagonal causal mask built
+# from `cu_seqlens` where a call falls back to SDPA.
+_NO_MASK: dict = {}
+
+
+def _stand_in(device: torch.device) -> torch.Tensor:
+    t = _NO_MASK.get(device)
+    if t is None:
+        t = _NO_MASK[device] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+    return t
+
+
+def _block_causal(cu: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """(b, 1, s, s) bool, True where a query may attend a key: same sample (cut by `cu`, over the flattened batch)
+    and not later; made on the device without asking it anything."""
+    starts = torch.zeros(b * s, dtype=torch.int32, device=cu.device)
+    starts[cu[1:-1].long()] = 1
+    seg = starts.cumsum(0).view(b, s)
+    causal = torch.ones(s, s, dtype=torch.bool, device=cu.device).tril()
+    return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
+def _full_attention_only(cfg) -> bool:
+    """No sliding-window layers (their masks differ: the stand-in would stand for the wrong one)."""
+    types = getattr(cfg, "layer_types", None)
+    return getattr(cfg, "sliding_window", None) is None and (not types or set(types) == {"full_attention"})
+
+
 def decoder_kwargs(model, batch: dict) -> dict:
-    """The keyword arguments that carry a batch's sample boundaries into the attention calls (none unless the
-    model uses this attention and the batch has boundaries)."""
+    """The keyword arguments a training batch passes to the decoder on this attention: its sample boundaries (when
+    it has them) and the stand-in mask (see `_NO_MASK`); none for a model on another attention."""
+    cfg = _hf_config(model)
+    if getattr(cfg, "_attn_implementation", None) != NAME:
+        return {}
+    out = {"attention_mask": _stand_in(batch["input_ids"].device)} if _full_attention_only(cfg) else {}
     cu = batch.get("cu_seqlens")
-    if cu is None:
-        return {}
-    if getattr(_hf_config(model), "_attn_implementation", None) != NAME:
-        return {}
-    m = int(batch["max_seqlen"])
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": m, "max_length_k": m}
+    if cu is not None:
+        m = int(batch["max_seqlen"])
+        out.update({"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": m, "max_length_k": m})
+    return out
