@@ -93,9 +93,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         and key.shape[2] == s and hq % key.shape[1] == 0
         and (_state.scale_arg or scaling is None or abs(scaling - d ** -0.5) < 1e-6)
     )
-    if attention_mask is not None and attention_mask is _NO_MASK.get(query.device):
-        attention_mask = None if cu is None else _block_causal(cu, b, s)  # built only where it is used
     if not usable:
+        if attention_mask is not None and attention_mask is _NO_MASK.get(query.device):
+            attention_mask = None if cu is None else _block_causal(cu, b, s)  # built only where it is used
         return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     hk = key.shape[1]
     q = query.transpose(1, 2).reshape(b * s, hq, d)
@@ -165,8 +165,7 @@ def _stand_in(device: torch.device) -> torch.Tensor:
 def _block_causal(cu: torch.Tensor, b: int, s: int) -> torch.Tensor:
     """(b, 1, s, s) bool, True where a query may attend a key: same sample (cut by `cu`, over the flattened batch)
     and not later; made on the device without asking it anything."""
-    starts = torch.zeros(b * s, dtype=torch.int32, device=cu.device)
-    starts[cu[1:-1].long()] = 1
+    starts = torch.zeros(b * s, dtype=torch.int32, device=cu.device).index_fill_(0, cu[1:-1].long(), 1)
     seg = starts.cumsum(0).view(b, s)
     causal = torch.ones(s, s, dtype=torch.bool, device=cu.device).tril()
     return ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
