@@ -791,10 +791,11 @@ def test_training_with_host_kept_embedding_and_head_equals_plain(tiny_dir, smoll
         logs = []
         with mock.patch.object(loop, "sample_chats", sample_chats):
             runs.append((train(cfg, log=lambda *a: logs.append(" ".join(map(str, a)))), logs))
-    # mid-run samples keep the embedding on the host (only an untied head comes to the device; a tied matrix comes
-    # back whole); the last ones run the model handed back whole; the plain run keeps nothing on the host
+    # samples (mid-run and the last ones) keep the embedding on the host (only an untied head comes to the device,
+    # a tied matrix comes back whole: the sampling peak stays under the training peak); the plain run keeps nothing
+    # on the host
     mid = (False, False, False) if tied else (True, True, True)
-    assert seen == [mid, mid, (False, False, False)] + [(False, False, False)] * 3, seen
+    assert seen == [mid, mid, mid] + [(False, False, False)] * 3, seen
     (with_host, logs_on), (plain, logs_off) = runs
     assert any("host-embeddings" in x for x in logs_on) and not any("host-embeddings" in x for x in logs_off)
     for x, y in zip(with_host.losses, plain.losses):
@@ -827,7 +828,7 @@ def test_sampling_falls_back_to_the_whole_model_when_host_embedding_generation_f
     logs = []
     with mock.patch.object(loop, "sample_chats", flaky):
         res = loop.train(cfg, log=lambda *a: logs.append(" ".join(map(str, a))))
-    # steps 0 and 1: a failed try, then the whole model; step 2 (the end): the whole model handed back
-    assert states == [True, False, True, False, False], states
-    assert sum("sampling with the embedding in host memory failed" in x for x in logs) == 2
+    # steps 0, 1 and 2 (the end): a failed try, then the whole model
+    assert states == [True, False, True, False, True, False], states
+    assert sum("sampling with the embedding in host memory failed" in x for x in logs) == 3
     assert len(res.losses) == 2 and sorted(res.samples) == [0, 1, 2] and all(res.samples.values())

@@ -11,9 +11,9 @@ sit in GPU memory through the whole step, the backward pass included, although n
   waits for that copy, and the GPU copy is dropped as soon as the loss is computed. The backward pass, where the
   step's memory peaks, runs without it.
 
-Between steps both matrices are host tensors. Sample generation during training brings only the head to the GPU
-(:meth:`HostWeights.for_generation`; the embedding rows are still looked up on the host); the trained model handed
-back gets both (:meth:`HostWeights.restore`). Used where the layers' activations are offloaded already (one device
+Between steps both matrices are host tensors. Sample generation during training (and after its last step) brings
+only the head to the GPU (:meth:`HostWeights.for_generation`; the embedding rows are still looked up on the host);
+the trained model handed back gets both (:meth:`HostWeights.restore`). Used where the layers' activations are offloaded already (one device
 per process, no FSDP sharding); ``train.offload_embeddings`` turns it off. The reference is the same model with
 both matrices on the GPU (``tests/test_kernels.py``).
 """

@@ -408,9 +408,9 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
             flush()
             save(done)
     flush()
+    do_samples(total_steps)  # host-kept weights: as mid-run, only the head comes to the GPU for it
     if hostw is not None:
         hostw.restore()  # the trained model is handed back whole
-    do_samples(total_steps)
     final_state = save(total_steps)
     if dist.is_main:
         with atomic_dir(result.output_dir) as tmp:
