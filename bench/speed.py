@@ -376,9 +376,13 @@ def _save_profile(prof, name: str, seconds: float, steps: int) -> None:
     for e in kern:
         kind = _kernel_kind(e.key)
         cats[kind] = cats.get(kind, 0.0) + e.self_device_time_total / 1e3 / steps
-    head = (f"{name}: wall {seconds / steps * 1e3:.1f} ms/step, GPU kernel and copy time {dev / steps:.1f} ms/step "
+    wall = seconds / steps * 1e3
+    busy = sum(v for k, v in cats.items() if k != "copies")  # one compute stream: its kernels do not overlap
+    head = (f"{name}: wall {wall:.1f} ms/step, GPU kernel and copy time {dev / steps:.1f} ms/step "
             f"({100 * dev / 1e3 / seconds:.0f} % of wall; copies overlap), {launches / steps:.0f} kernel "
             f"launches/step, {ops / steps:.0f} aten ops/step\n"
+            f"GPU compute kernels {busy:.1f} ms/step = {100 * busy / wall:.0f} % of wall: for the other "
+            f"{wall - busy:.1f} ms the GPU waited (for the host, or for a copy), under the profiler's own overhead\n"
             "GPU ms/step by kind: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(cats.items(), key=lambda x: -x[1]))
             + "\n")
     body = (ev.table(sort_by="self_device_time_total", row_limit=35) + "\n"

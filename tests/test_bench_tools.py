@@ -38,3 +38,35 @@ def test_memtrace_peak_reports_what_is_alive_at_the_peak(tmp_path):
     assert any("300.0" in ln and "tunesmith/kernels/lora.py:20 backward" in ln for ln in lines)
     assert any("100.0" in ln and "tunesmith/kernels/lora.py:10 forward" in ln for ln in lines)
     assert "the allocation that reached the peak: 300.0 MiB" in out
+
+
+def test_profile_summary_splits_gpu_time_by_kind_and_reports_the_wait(tmp_path, monkeypatch):
+    """bench/speed.py's profile summary on a hand-made profiler: device events only, by kind, and the wall time the
+    compute stream was idle (copies overlap it and are not counted as compute)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import speed
+    finally:
+        sys.path.pop(0)
+
+    class Ev:
+        def __init__(self, key, device_us, count=1, cuda=True):
+            self.key, self.self_device_time_total, self.count = key, device_us, count
+            self.device_type = "DeviceType.CUDA" if cuda else "DeviceType.CPU"
+
+    class Evs(list):
+        def table(self, **k):
+            return "table"
+
+    class Prof:
+        def key_averages(self):
+            return Evs([Ev("nvjet_tst_gemm", 300_000), Ev("triton_poi_fused_add", 50_000),
+                        Ev("Memcpy HtoD (Pinned -> Device)", 80_000), Ev("triton_poi_fused_add", 50_000, cuda=False),
+                        Ev("cudaLaunchKernel", 0, count=4000, cuda=False)])
+
+    monkeypatch.setenv("TS_BENCH_PROFILE", str(tmp_path))
+    speed._save_profile(Prof(), "row", seconds=1.0, steps=2)  # 500 ms a step
+    head = (tmp_path / "row.txt").read_text()
+    assert "wall 500.0 ms/step" in head and "2000 kernel launches/step" in head
+    assert "GPU compute kernels 175.0 ms/step = 35 % of wall" in head and "other 325.0 ms" in head
+    assert "gemm 150.0" in head and "copies 40.0" in head and "triton 25.0" in head
