@@ -343,7 +343,7 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     pending: _StepStats | None = None  # the last step's numbers, read once the device has them (see _StepStats)
 
     def flush() -> None:
-        nonlocal pending, t_last, tokens_since
+        nonlocal pending, t_last
         if pending is None:
             return
         p, pending = pending, None
