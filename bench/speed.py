@@ -341,7 +341,27 @@ def _profiler():
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    return profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True, with_flops=True)
+
+
+_MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")  # the ops that launch the kernels
+
+
+def _matmul_table(prof, steps: int, top: int = 15) -> str:
+    """Matrix multiplies grouped by input shapes: calls and GPU ms a step, and the TFLOP/s each shape reached (its
+    FLOPs over its kernels' time), to compare with what cuBLAS gives on that shape alone."""
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key not in _MATMULS or not e.flops or not e.device_time_total:
+            continue
+        rows.append((e.device_time_total / 1e3 / steps, e.key, e.input_shapes, e.count / steps,
+                     e.flops / (e.device_time_total * 1e-6) / 1e12))
+    rows.sort(key=lambda r: -r[0])
+    total = sum(r[0] for r in rows)
+    lines = [f"matmuls by shape (GPU ms/step; all shapes {total:.1f} ms):"]
+    for ms, key, shapes, calls, tflops in rows[:top]:
+        lines.append(f"  {ms:7.1f} ms  {calls:5.0f} calls  {tflops:6.0f} TFLOP/s  {key} {shapes}")
+    return "\n".join(lines) + "\n"
 
 
 def _kernel_kind(name: str) -> str:
@@ -385,6 +405,10 @@ def _save_profile(prof, name: str, seconds: float, steps: int) -> None:
             f"{wall - busy:.1f} ms the GPU waited (for the host, or for a copy), under the profiler's own overhead\n"
             "GPU ms/step by kind: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(cats.items(), key=lambda x: -x[1]))
             + "\n")
+    try:
+        head += _matmul_table(prof, steps)
+    except Exception as e:  # noqa: BLE001 — a diagnosis: never lose the rest of the profile over it
+        head += f"matmuls by shape: not available ({type(e).__name__}: {e})\n"
     body = (ev.table(sort_by="self_device_time_total", row_limit=35) + "\n"
             + ev.table(sort_by="self_cpu_time_total", row_limit=35))
     d = Path(os.environ["TS_BENCH_PROFILE"])

@@ -50,19 +50,27 @@ def test_profile_summary_splits_gpu_time_by_kind_and_reports_the_wait(tmp_path, 
         sys.path.pop(0)
 
     class Ev:
-        def __init__(self, key, device_us, count=1, cuda=True):
+        def __init__(self, key, device_us, count=1, cuda=True, flops=0, shapes=None, total_us=0):
             self.key, self.self_device_time_total, self.count = key, device_us, count
             self.device_type = "DeviceType.CUDA" if cuda else "DeviceType.CPU"
+            self.flops, self.input_shapes, self.device_time_total = flops, shapes, total_us
 
     class Evs(list):
         def table(self, **k):
             return "table"
 
     class Prof:
-        def key_averages(self):
-            return Evs([Ev("nvjet_tst_gemm", 300_000), Ev("triton_poi_fused_add", 50_000),
-                        Ev("Memcpy HtoD (Pinned -> Device)", 80_000), Ev("triton_poi_fused_add", 50_000, cuda=False),
-                        Ev("cudaLaunchKernel", 0, count=4000, cuda=False)])
+        def key_averages(self, group_by_input_shape=False):
+            evs = [Ev("nvjet_tst_gemm", 300_000), Ev("triton_poi_fused_add", 50_000),
+                   Ev("Memcpy HtoD (Pinned -> Device)", 80_000), Ev("triton_poi_fused_add", 50_000, cuda=False),
+                   Ev("cudaLaunchKernel", 0, count=4000, cuda=False)]
+            if group_by_input_shape:  # 2 x 8192 x 4096 x 4096 FLOPs a call, 4 calls: 1.1 PFLOP in 2 ms
+                evs += [Ev("aten::mm", 0, count=4, cuda=False, flops=4 * 2 * 8192 * 4096 * 4096,
+                           shapes=[[8192, 4096], [4096, 4096]], total_us=2_000),
+                        Ev("aten::mm", 0, count=2, cuda=False, flops=2 * 2 * 8192 * 4096 * 64,
+                           shapes=[[8192, 4096], [4096, 64]], total_us=100),
+                        Ev("aten::linear", 0, count=2, cuda=False, flops=1, shapes=[[1]], total_us=999_000)]
+            return Evs(evs)
 
     monkeypatch.setenv("TS_BENCH_PROFILE", str(tmp_path))
     speed._save_profile(Prof(), "row", seconds=1.0, steps=2)  # 500 ms a step
@@ -70,3 +78,8 @@ def test_profile_summary_splits_gpu_time_by_kind_and_reports_the_wait(tmp_path, 
     assert "wall 500.0 ms/step" in head and "2000 kernel launches/step" in head
     assert "GPU compute kernels 175.0 ms/step = 35 % of wall" in head and "other 325.0 ms" in head
     assert "gemm 150.0" in head and "copies 40.0" in head and "triton 25.0" in head
+    # matmuls by shape: the kernel-launching ops only (aten::linear would count its mm again), slowest first
+    table = head[head.index("matmuls by shape"):].splitlines()
+    assert "all shapes 1.1 ms" in table[0] and "linear" not in head
+    assert "1.0 ms" in table[1] and "2 calls" in table[1] and "550 TFLOP/s" in table[1] and "[4096, 4096]" in table[1]
+    assert "0.1 ms" in table[2] and "86 TFLOP/s" in table[2]
