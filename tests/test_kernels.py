@@ -78,12 +78,12 @@ def test_linear_ce_without_grad_gives_the_value():
     assert torch.allclose(out, F.cross_entropy(h @ w.t(), t, reduction="sum"), atol=1e-4)
 
 
-def _lora_model(tiny_dir, method="lora", dropout=0.0, offloaded_checkpointing=False):
+def _lora_model(tiny_dir, method="lora", dropout=0.0, offloaded_checkpointing=False, dtype=torch.float32):
     from tunesmith.config import LoraCfg
     from tunesmith.models.load import add_lora, load_model
 
     torch.manual_seed(0)
-    m = load_model(str(tiny_dir), method=method)
+    m = load_model(str(tiny_dir), method=method, dtype=dtype)
     m = add_lora(m, LoraCfg(r=4, alpha=8, dropout=dropout), grad_checkpointing=offloaded_checkpointing,
                  offload=offloaded_checkpointing)
     for n, p in m.named_parameters():  # B starts at zero: make the update non-trivial
@@ -164,21 +164,12 @@ def test_lora_function_with_dropout_in_eval_equals_peft(tiny_dir):
     assert torch.allclose(got, want, atol=1e-5)  # no dropout in eval mode: the same function
 
 
-def test_patched_bf16_model_generates_without_autocast(tiny_dir, method="lora"):
+def test_patched_bf16_model_generates_without_autocast(tiny_dir):
     """Sampling mid-run on a GPU runs without autocast, on a bf16 model whose adapters PEFT keeps in fp32: the
     patched layers must hand the next layer (and the bf16 head) bf16, as PEFT's own forward does, and pick the same
     tokens. (QLoRA: tests/test_kernels_cuda.py; bitsandbytes' CPU layout takes PEFT's own path anyway.)"""
-    from tunesmith.config import LoraCfg
-    from tunesmith.models.load import add_lora, load_model
-
-    m = add_lora(load_model(str(tiny_dir), method=method, dtype=torch.bfloat16), LoraCfg(r=4, alpha=8, dropout=0.0),
-                 grad_checkpointing=False)
+    m = _lora_model(tiny_dir, dtype=torch.bfloat16).eval()
     assert {p.dtype for n, p in m.named_parameters() if "lora_" in n} == {torch.float32}
-    torch.manual_seed(0)
-    for n, p in m.named_parameters():
-        if "lora_B" in n:
-            p.data.normal_(0, 0.2)
-    m.eval()
     ids = torch.randint(0, 1000, (1, 6))
     with torch.no_grad():
         want = m(input_ids=ids).logits
