@@ -191,4 +191,5 @@ def test_trained_positions_pick_the_rows_a_boolean_mask_would():
         else:
             assert kl_keep.sum() > 0 and torch.equal(flat[pos["kl_index"]], hidden[:, :-1][kl_keep])
     sent = to_device({"labels": labels, "input_ids": labels.clamp(min=0), "max_seqlen": 9}, torch.device("cpu"))
-    assert sent["max_seqlen"] == 9 and torch.equal(sent["loss_index"], trained_positions({"labels": labels})["loss_index"])
+    assert sent["max_seqlen"] == 9
+    assert torch.equal(sent["loss_index"], trained_positions({"labels": labels})["loss_index"])

@@ -13,9 +13,9 @@ sit in GPU memory through the whole step, the backward pass included, although n
 
 Between steps both matrices are host tensors. Sample generation during training (and after its last step) brings
 only the head to the GPU (:meth:`HostWeights.for_generation`; the embedding rows are still looked up on the host);
-the trained model handed back gets both (:meth:`HostWeights.restore`). Used where the layers' activations are offloaded already (one device
-per process, no FSDP sharding); ``train.offload_embeddings`` turns it off. The reference is the same model with
-both matrices on the GPU (``tests/test_kernels.py``).
+the trained model handed back gets both (:meth:`HostWeights.restore`). Used where the layers' activations are
+offloaded already (one device per process, no FSDP sharding); ``train.offload_embeddings`` turns it off. The
+reference is the same model with both matrices on the GPU (``tests/test_kernels.py``).
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ class HostWeights:
         self.active, self.generating = True, False
 
     def for_generation(self) -> None:
-        """Sampling mid-run: the head on the GPU for the logits, the embedding still on the host (a tied matrix comes
-        back whole). :meth:`offload` afterwards, as after a loss."""
+        """Sampling during training: the head on the GPU for the logits, the embedding still on the host (a tied
+        matrix comes back whole). :meth:`offload` afterwards, as after a loss."""
         if not self.active:
             return
         if self.head is None or self.tied:
