@@ -666,6 +666,10 @@ def worker_main(stack: str, fd: int, device_name: str) -> None:
     try:
         if stack == "unsloth":
             import unsloth  # noqa: F401  (before transformers, as Unsloth requires)
+        if stack == "tunesmith":  # the CUDA allocator default the tunesmith command line sets, before torch loads
+            from tunesmith import set_allocator_default
+
+            set_allocator_default()
         import torch
 
         if stack == "tunesmith":
@@ -855,10 +859,7 @@ def main(argv: list[str] | None = None) -> int:
         if site:
             extra.append(str(Path(site).resolve()))
         old = base_env.get("PYTHONPATH")
-        env = dict(base_env, PYTHONPATH=os.pathsep.join(extra + ([old] if old else [])))
-        if stack == "tunesmith":  # what the tunesmith command line sets (src/tunesmith/__init__.py)
-            env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-        return env
+        return dict(base_env, PYTHONPATH=os.pathsep.join(extra + ([old] if old else [])))
 
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - t_begin:6.1f}s] {msg}", flush=True)
