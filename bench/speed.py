@@ -364,6 +364,36 @@ def _matmul_table(prof, steps: int, top: int = 15) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _timeline(events: list[dict], steps: int, top: int = 12) -> str:
+    """From a Chrome trace's events: the wall time no compute kernel ran (on any stream; copies and memsets are
+    not compute) a step, and the idle gaps longer than 20 µs grouped by the kernels either side of them (which
+    step of the layer waits), longest total first. Profiler annotations (``gpu_user_annotation``) are skipped:
+    they span other events and would count their time twice."""
+    ks = sorted((e["ts"], e["ts"] + e.get("dur", 0), e.get("name", "?")) for e in events
+                if e.get("ph") == "X" and e.get("cat") == "kernel")
+    if not ks:
+        return "timeline: no kernel events\n"
+    busy = idle = 0.0
+    gaps: dict[tuple[str, str], list[float]] = {}
+    end, prev = ks[0][0], ks[0][2]
+    for t0, t1, name in ks:
+        if t0 > end:
+            idle += t0 - end
+            if t0 - end > 20:
+                g = gaps.setdefault((prev[:48], name[:48]), [0.0, 0])
+                g[0] += t0 - end
+                g[1] += 1
+        busy += max(0.0, t1 - max(t0, end))
+        if t1 > end:
+            end, prev = t1, name
+    span = end - ks[0][0]
+    lines = [f"timeline: compute kernels busy {busy / 1e3 / steps:.1f} ms/step, idle {idle / 1e3 / steps:.1f} "
+             f"ms/step ({100 * idle / span:.1f} % of the traced span); gaps over 20 us by the kernels around them:"]
+    for (a, b), (us, n) in sorted(gaps.items(), key=lambda x: -x[1][0])[:top]:
+        lines.append(f"  {us / 1e3 / steps:6.2f} ms/step  {n / steps:6.1f} gaps/step  after {a}  before {b}")
+    return "\n".join(lines) + "\n"
+
+
 def _kernel_kind(name: str) -> str:
     """A GPU kernel's kind, by its name, for the profile's per-kind totals."""
     n = name.lower()
@@ -387,7 +417,8 @@ def _save_profile(prof, name: str, seconds: float, steps: int) -> None:
     ev = prof.key_averages()
     # kernels and copies only (CPU-side ops list the same device time again: Inductor's Triton launches even
     # appear under the kernel's own name)
-    kern = [e for e in ev if e.self_device_time_total > 0 and str(e.device_type).endswith("CUDA")]
+    kern = [e for e in ev if e.self_device_time_total > 0 and str(e.device_type).endswith("CUDA")
+            and not e.key.startswith(("## ", "Torch-Compiled Region"))]  # annotations: they span kernels
     dev = sum(e.self_device_time_total for e in kern) / 1e3  # ms, all steps
     launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
                                                       "cuLaunchKernelEx"))
@@ -409,6 +440,13 @@ def _save_profile(prof, name: str, seconds: float, steps: int) -> None:
         head += _matmul_table(prof, steps)
     except Exception as e:  # noqa: BLE001 — a diagnosis: never lose the rest of the profile over it
         head += f"matmuls by shape: not available ({type(e).__name__}: {e})\n"
+    if hasattr(prof, "export_chrome_trace"):
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                prof.export_chrome_trace(f"{tmp}/trace.json")
+                head += _timeline(json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"], steps)
+        except Exception as e:  # noqa: BLE001 — as above
+            head += f"timeline: not available ({type(e).__name__}: {e})\n"
     body = (ev.table(sort_by="self_device_time_total", row_limit=35) + "\n"
             + ev.table(sort_by="self_cpu_time_total", row_limit=35))
     d = Path(os.environ["TS_BENCH_PROFILE"])

@@ -62,6 +62,7 @@ def test_profile_summary_splits_gpu_time_by_kind_and_reports_the_wait(tmp_path, 
     class Prof:
         def key_averages(self, group_by_input_shape=False):
             evs = [Ev("nvjet_tst_gemm", 300_000), Ev("triton_poi_fused_add", 50_000),
+                   Ev("## Call CompiledFxGraph abc", 340_000),  # an annotation around kernels: not counted again
                    Ev("Memcpy HtoD (Pinned -> Device)", 80_000), Ev("triton_poi_fused_add", 50_000, cuda=False),
                    Ev("cudaLaunchKernel", 0, count=4000, cuda=False)]
             if group_by_input_shape:  # 2 x 8192 x 4096 x 4096 FLOPs a call, 4 calls: 1.1 PFLOP in 2 ms
@@ -83,3 +84,29 @@ def test_profile_summary_splits_gpu_time_by_kind_and_reports_the_wait(tmp_path, 
     assert "all shapes 1.1 ms" in table[0] and "linear" not in head
     assert "1.0 ms" in table[1] and "2 calls" in table[1] and "550 TFLOP/s" in table[1] and "[4096, 4096]" in table[1]
     assert "0.1 ms" in table[2] and "86 TFLOP/s" in table[2]
+
+
+def test_profile_timeline_finds_the_idle_gaps_and_the_kernels_around_them():
+    """The timeline part of the profile: compute time counted once where streams overlap, copies and annotations
+    not counted, and the idle gaps grouped by the kernels either side."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import speed
+    finally:
+        sys.path.pop(0)
+
+    def k(name, ts, dur, cat="kernel"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    evs = [k("gemm", 0, 100), k("silu", 100, 50), k("gemm", 200, 100),  # 50 us gap: silu -> gemm
+           k("side_stream_norm", 250, 100),  # overlaps the gemm: counted from 300 on only
+           k("Memcpy HtoD", 350, 500, cat="gpu_memcpy"), k("## Call CompiledFxGraph", 0, 2000, cat="gpu_user_annotation"),
+           k("attn", 360, 40),  # a 10 us gap: too short to list, still idle
+           k("gemm", 1400, 600)]  # 1000 us gap: attn -> gemm
+    out = speed._timeline(evs, steps=2)
+    assert "busy 0.5 ms/step" in out.splitlines()[0]  # (100+50+100+50+40+600) us / 2 steps
+    assert "idle 0.5 ms/step" in out  # (50 + 10 + 1000) / 2
+    rows = out.splitlines()[1:]
+    assert len(rows) == 2 and "after attn" in rows[0] and "before gemm" in rows[0] and "0.50 ms/step" in rows[0]
+    assert "after silu" in rows[1] and "0.03 ms/step" in rows[1]
+    assert speed._timeline([], 1).startswith("timeline: no kernel events")
