@@ -5,6 +5,7 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from tunesmith.kernels.fused import patch_fused, unpatch_fused, unpatch_rope
@@ -761,13 +762,20 @@ def test_training_with_host_kept_embedding_and_head_equals_plain(tiny_dir, smoll
     from test_train import make_cfg
 
     seen = []  # while sampling: (kept on the host, generating, the embedding still the host copy)
+    moments = []  # while sampling: parameters with optimizer state (AdamW's moments)
     orig = loop.sample_chats
+    optimizers = []
+
+    def adamw(*a, _orig=torch.optim.AdamW, **k):
+        optimizers.append(_orig(*a, **k))
+        return optimizers[-1]
 
     def sample_chats(model, *a, **k):
         hw = host_weights.of(model)
         emb = model.get_input_embeddings().weight
         seen.append((hw is not None, hw is not None and hw.generating,
                      hw is not None and emb.data_ptr() == hw.e_host.data_ptr()))
+        moments.append(len(optimizers[-1].state))
         return orig(model, *a, **k)
 
     from conftest import make_tiny_llama
@@ -780,7 +788,7 @@ def test_training_with_host_kept_embedding_and_head_equals_plain(tiny_dir, smoll
                        sample_steps=2, max_new_tokens=4, save_steps=0)
         cfg.lora.dropout = 0.0
         logs = []
-        with mock.patch.object(loop, "sample_chats", sample_chats):
+        with mock.patch.object(loop, "sample_chats", sample_chats), mock.patch.object(torch.optim, "AdamW", adamw):
             runs.append((train(cfg, log=lambda *a: logs.append(" ".join(map(str, a)))), logs))
     # samples (mid-run and the last ones) keep the embedding on the host (only an untied head comes to the device,
     # a tied matrix comes back whole: the sampling peak stays under the training peak); the plain run keeps nothing
@@ -792,6 +800,34 @@ def test_training_with_host_kept_embedding_and_head_equals_plain(tiny_dir, smoll
     for x, y in zip(with_host.losses, plain.losses):
         assert abs(x - y) <= 1e-6 * abs(y), (with_host.losses, plain.losses)
     assert with_host.samples == plain.samples and len(with_host.samples) == 3  # steps 0, 2 and 4
+    # the last samples (and the hand-back) come after the optimizer's moments are freed; they were saved first
+    n = moments[1]
+    assert n > 0 and moments == [0, n, 0] * 2, moments
+    from tunesmith.train import checkpoint as ck
+
+    state = ck.load_state(with_host.work_dir / "checkpoints" / "step-000004")
+    assert len(state["optimizer"]["state"]) == n
+
+
+def test_hand_back_after_sampling_keeps_the_generation_head():
+    """The model handed back after the last samples keeps the head copy sampling brought to the device: making a
+    second one would hold both at once (the run's peak on Qwen2.5-7B QLoRA, bench/RESULTS.md tenth run)."""
+    from tunesmith.kernels import host_weights
+
+    torch.manual_seed(0)
+    m = nn.Module()
+    m.emb, m.head = nn.Embedding(11, 8), nn.Linear(8, 11, bias=False)
+    m.emb.weight.requires_grad_(False)
+    m.head.weight.requires_grad_(False)
+    m.get_input_embeddings, m.get_output_embeddings = (lambda: m.emb), (lambda: m.head)
+    head0 = m.head.weight.detach().clone()
+    hw = host_weights.attach(m, torch.device("cpu"))
+    hw.for_generation()
+    device_copy = m.head.weight.data.clone()  # what .to("cuda") makes on a GPU (on the CPU .to() returns the same)
+    m.head.weight.data = device_copy
+    hw.restore()
+    assert m.head.weight.data_ptr() == device_copy.data_ptr() and torch.equal(m.head.weight, head0)
+    assert host_weights.of(m) is None
 
 
 def test_sampling_falls_back_to_the_whole_model_when_host_embedding_generation_fails(smollm2_dir, tmp_path):

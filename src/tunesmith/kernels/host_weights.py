@@ -110,8 +110,8 @@ class HostWeights:
     def restore(self) -> None:
         """The plain model again: both matrices on the GPU, the embedding's own forward."""
         self.emb.weight.data = self.e_host.to(self.device)
-        if self.head is not None and not self.tied:
-            self.head.weight.data = self.h_host.to(self.device)
+        if self.head is not None and not self.tied and not self.generating:  # sampling brought the head already:
+            self.head.weight.data = self.h_host.to(self.device)  # a second copy would hold both at once
         restore_forward(self.emb)
         self.ready = self.stash = None
         self.active = self.generating = False

@@ -408,10 +408,13 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
             flush()
             save(done)
     flush()
+    final_state = save(total_steps)
+    # the optimizer's moments are saved and no longer needed: freed before the last samples and the hand-back,
+    # which bring the host-kept head and embedding back to the device (else they peaked above every step)
+    optimizer.state.clear()
     do_samples(total_steps)  # host-kept weights: as mid-run, only the head comes to the GPU for it
     if hostw is not None:
         hostw.restore()  # the trained model is handed back whole
-    final_state = save(total_steps)
     if dist.is_main:
         with atomic_dir(result.output_dir) as tmp:
             ck.save_model_dir(model, tokenizer, tmp, config_yaml, state_dict=final_state)
