@@ -529,7 +529,7 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
             def step_hook(self, step, *a, _orig=orig_step, **k):
                 _orig(self, step, *a, **k)
                 if device.type == "cuda" and os.environ.get("TS_BENCH_STEPPEAKS"):  # diagnosis only: resets the peak
-                    step_peaks.append(round(torch.cuda.max_memory_allocated(device) / 2**30, 3))
+                    step_peaks.append(round((torch.cuda.max_memory_allocated(device) - base[0]) / 2**30, 3))
                     torch.cuda.reset_peak_memory_stats(device)
                 if trace and step == 3:  # model load, the first two steps (compiling included) and a steady one
                     torch.cuda.memory._dump_snapshot(f"{trace}-{cmd['shape']}-{cmd['method']}-{wl}.pickle")
@@ -543,10 +543,11 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
             sample_peaks: list[tuple[float, float]] = []  # (peak before, peak while sampling), GiB
 
             def sample_hook(*a, _orig=loop.sample_chats, **k):  # diagnosis only: resets the peak
-                before = torch.cuda.max_memory_allocated(device) / 2**30
+                before = (torch.cuda.max_memory_allocated(device) - base[0]) / 2**30  # above base, as _mem_peak
                 torch.cuda.reset_peak_memory_stats(device)
                 out = _orig(*a, **k)
-                sample_peaks.append((round(before, 3), round(torch.cuda.max_memory_allocated(device) / 2**30, 3)))
+                after = (torch.cuda.max_memory_allocated(device) - base[0]) / 2**30
+                sample_peaks.append((round(before, 3), round(after, 3)))
                 torch.cuda.reset_peak_memory_stats(device)
                 return out
 
