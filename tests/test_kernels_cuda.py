@@ -373,7 +373,44 @@ def test_host_kept_embedding_and_head_cuda(tied):
 
 
 @pytest.mark.parametrize("compile_layers", [False, True])
-def test_a_training_step_never_waits_for_the_device_cuda(compile_layers):
+def test_kept_residual_cuda(compile_layers, monkeypatch):
+    """The recompute reading the post-attention residual the forward pass kept (host copies on the side stream,
+    prefetched with the layer input) instead of recomputing the attention output projection: loss and gradients as
+    with the full recompute, eager and compiled, two steps (nothing left over from one step to the next)."""
+    from tunesmith import kernels
+    from tunesmith.kernels import compiled, lean
+    from tunesmith.models.load import enable_checkpointing
+    from tunesmith.train.loss import causal_lm_loss_sum
+
+    ids = torch.randint(0, 4096, (2, 256), device="cuda")
+    pos = torch.arange(256, device="cuda").repeat(2, 1)
+    res = []
+    try:
+        for keep in ("0", "1"):
+            monkeypatch.setenv("TUNESMITH_KEEP_RESIDUAL", keep)
+            m = _tiny_qwen("lora")
+            enable_checkpointing(m, offload=True)
+            kernels.apply(m, device=torch.device("cuda"), method="lora", kernels="auto", compile_layers=compile_layers)
+            hooks = sum(hasattr(x, lean.HOOK) for x in m.modules())
+            assert hooks == (0 if keep == "0" else m.config.num_hidden_layers)
+            for _ in range(2):
+                m.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss, _ = causal_lm_loss_sum(m, {"input_ids": ids, "position_ids": pos, "labels": ids}, None, True)
+                loss.backward()
+            assert compiled.active() == compile_layers
+            res.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}))
+            compiled.disable()
+    finally:
+        compiled.disable()
+    (l0, g0), (l1, g1) = res
+    assert abs(float(l1) - float(l0)) / float(l0) < 1e-3
+    for k in g0:
+        assert _rel(g1[k], g0[k]) < 3e-2, k
+
+
+@pytest.mark.parametrize("compile_layers", [False, True])
+def test_a_training_step_never_waits_for_the_device_cuda(compile_layers, monkeypatch):
     """The loop's step (batch sent from pinned memory, loss positions chosen on the host, offloaded checkpoints,
     fused loss, clipping, fused AdamW) queues its work without a single host-device sync, so the host prepares the
     next batch while the GPU computes. CUDA's sync debug mode raises on any sync inside the step."""
@@ -385,6 +422,7 @@ def test_a_training_step_never_waits_for_the_device_cuda(compile_layers):
     from tunesmith.train.loop import to_device
     from tunesmith.train.loss import causal_lm_loss_sum
 
+    monkeypatch.setenv("TUNESMITH_KEEP_RESIDUAL", "1")  # kept residuals too (the tiny model is under the size)
     m = _tiny_qwen("lora")
     enable_checkpointing(m, offload=True)
     dev = torch.device("cuda")

@@ -8,8 +8,17 @@ weight, its input and (LoRA) ``x A^T``, never its product. So in the recompute i
 of a layer's recompute matmuls (27-29 % on InternLM2-1.8B, Qwen2.5-0.5B and 7B), and in QLoRA the dequantisation of
 its weight. Measured on Qwen2.5-7B LoRA: +8 % tokens/s (bench/RESULTS.md, eighth run).
 
+The attention output projection's product is read by one thing only in the recompute: the post-attention norm,
+through the residual ``h = x + attn``. So the forward pass keeps ``h`` (in host memory beside the layer's input,
+:func:`.offload.keep`), the recompute feeds the norm those values (:class:`_Kept`: the kept values, the gradient
+path of the recomputed ``h``), and the projection skips its product as the down projection does. It saves a
+tokens x hidden x hidden product a layer, and in QLoRA a dequantisation, for 2 x tokens x hidden of GPU memory in
+the backward pass. For now it runs only with ``TUNESMITH_KEEP_RESIDUAL=1`` (at any size): it is written for the GPU
+and tested on the CPU, but has not run on a GPU yet. Once measured there, ``KEEP_BY_DEFAULT`` turns it on for
+hidden sizes from ``KEEP_MIN_HIDDEN`` (2048) on; ``TUNESMITH_KEEP_RESIDUAL=0`` keeps it off.
+
 Which module does what:
-- a LoRA down projection (:mod:`.lora`) skips its base product and returns its LoRA term;
+- a LoRA down (or attention output) projection (:mod:`.lora`) skips its base product and returns its LoRA term;
 - a plain one (full fine-tuning, or LoRA that does not target it; bf16 or NF4) runs :class:`_LeanLinear`, which
   returns a slice of its input and writes the gradients out: input ``g W``, weight ``g^T x`` when trained, bias.
 
@@ -18,7 +27,7 @@ module's input: returned as zeros, Inductor's partitioner moved the whole recomp
 where it held two more tokens x intermediate-size buffers at the peak (+0.58 GiB on 7B LoRA, eighth run).
 
 Reference: the same layers with the full recompute (``tests/test_kernels.py``: loss and every gradient, eager and
-compiled; the FLOP count drops by the skipped products). ``TUNESMITH_LEAN_RECOMPUTE=0`` turns it off.
+compiled; the FLOP count drops by the skipped products). ``TUNESMITH_LEAN_RECOMPUTE=0`` turns it all off.
 """
 
 from __future__ import annotations
@@ -31,14 +40,25 @@ import torch.nn as nn
 from . import ORIG, offload, swap_forward
 
 UNUSED = "_tunesmith_output_unused"  # set on modules whose output only feeds the decoder layer's output
+KEPT = "kept"  # UNUSED's value on an attention output projection: its product is replaced by a kept value
+HOOK = "_tunesmith_keep_hook"  # the forward pre-hook's handle on a post-attention norm
 _RESIDUAL_MLP_LAYERS = {"LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer"}
-stats = {"unused": 0, "marked": 0}  # eager module calls that skipped their product; modules marked (tests, bench)
+stats = {"unused": 0, "marked": 0, "kept": 0}  # eager module calls that skipped their product; modules marked;
+# attention output projections among them (tests, bench)
+# Keeping the residual costs 2 x tokens x hidden of GPU memory in the backward pass (the kept values of the layer
+# being recomputed and of the one prefetched) and saves a tokens x hidden x hidden product a layer: taken where that
+# product is large (hidden sizes of 1.8B models and up); below, steps are bound by the host, not by the GPU's
+# matmuls (bench/RESULTS.md), and the memory is a larger share of a small peak.
+KEEP_MIN_HIDDEN = 2048
+KEEP_BY_DEFAULT = False  # until it has run and been measured on a GPU (written after the tenth run's device time)
 
 
 def skip(module: nn.Module) -> bool:
     """`module` is marked and its layer is being recomputed: its product is not needed. Counted outside traced code
     only (a counter read inside a compiled layer makes Dynamo guard on it and recompile on every call)."""
-    unused = getattr(module, UNUSED, False) and offload.replaying()
+    mark = getattr(module, UNUSED, False)
+    # an attention output projection: only while its layer's kept residual stands in for its product
+    unused = bool(mark) and offload.replaying() and (mark is not KEPT or offload.has_kept())
     if unused and not torch.compiler.is_compiling():
         stats["unused"] += 1
     return unused
@@ -96,6 +116,55 @@ def _lean_forward(self, x, *args, **kwargs):
         return _LeanLinear.apply(x, w if w.requires_grad else None, bias, self, cd)
 
 
+class _Kept(torch.autograd.Function):
+    """``kept``'s values with ``h``'s gradient path: the recompute's stand-in input becomes the kept one exactly
+    (``h + (kept - h).detach()`` would round), and the gradient reaches ``h`` unchanged."""
+
+    @staticmethod
+    def forward(ctx, h, kept):
+        return kept.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def _keep_hook(norm: nn.Module, args):
+    """Forward pre-hook of a post-attention norm, inside checkpointed layer calls only: the forward pass keeps the
+    norm's input (the residual stream after attention); the recompute feeds the norm those kept values, with the
+    gradient still flowing to the recomputed input (:class:`_Kept`). The attention output projection,
+    whose product is only ever read through that input, then skips it (:func:`skip`)."""
+    if not offload._state.in_layer or not args:
+        return None
+    h = args[0]
+    if not offload.replaying():
+        offload.keep(h)
+        return None
+    if not offload.has_kept():  # (the projection computed its product: nothing to replace)
+        return None
+    return (_Kept.apply(h, offload.kept()), *args[1:])
+
+
+def _mark_attention_output(layer: nn.Module) -> bool:
+    """Mark `layer`'s attention output projection (LoRA or a plain square one) and hook its post-attention norm."""
+    o = getattr(getattr(layer, "self_attn", None), "o_proj", None)
+    norm = getattr(layer, "post_attention_layernorm", None)
+    if o is None or not isinstance(norm, nn.Module) or getattr(o, UNUSED, False):
+        return False
+    env = os.environ.get("TUNESMITH_KEEP_RESIDUAL")
+    if env != "1" and (env == "0" or not KEEP_BY_DEFAULT or getattr(o, "in_features", 0) < KEEP_MIN_HIDDEN):
+        return False
+    if hasattr(o, ORIG):
+        pass  # a LoRA layer routed through the LoRA function
+    elif not (_plain_linear(o) and o.in_features >= o.out_features and swap_forward(o, _lean_forward)):
+        return False
+    setattr(o, UNUSED, KEPT)
+    stats["kept"] += 1
+    if not hasattr(norm, HOOK):
+        setattr(norm, HOOK, norm.register_forward_pre_hook(_keep_hook))
+    return True
+
+
 def mark_unused_outputs(model: nn.Module) -> int:
     """Mark the MLP down projections of `model`'s decoder layers of a known residual form: LoRA ones patched by
     :func:`.lora.patch_lora` (call this after it), plain or NF4 ones (their forward is routed through
@@ -107,13 +176,14 @@ def mark_unused_outputs(model: nn.Module) -> int:
         if type(layer).__name__ not in _RESIDUAL_MLP_LAYERS:
             continue
         down = getattr(getattr(layer, "mlp", None), "down_proj", None)
-        if down is None or getattr(down, UNUSED, False):
-            continue
-        if hasattr(down, ORIG):  # a LoRA layer routed through the LoRA function
-            setattr(down, UNUSED, True)
-            n += 1
-        elif _plain_linear(down) and down.in_features >= down.out_features and swap_forward(down, _lean_forward):
-            setattr(down, UNUSED, True)
+        if down is not None and not getattr(down, UNUSED, False):
+            if hasattr(down, ORIG):  # a LoRA layer routed through the LoRA function
+                setattr(down, UNUSED, True)
+                n += 1
+            elif _plain_linear(down) and down.in_features >= down.out_features and swap_forward(down, _lean_forward):
+                setattr(down, UNUSED, True)
+                n += 1
+        if _mark_attention_output(layer):
             n += 1
     stats["marked"] += n
     return n

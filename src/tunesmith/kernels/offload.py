@@ -22,6 +22,7 @@ class _Stash:
     def __init__(self, x: torch.Tensor, stream):
         self.device, self.stream = x.device, stream
         self.ready = None
+        self.extras: list[_Stash] = []  # tensors the layer call kept for its recompute (see `keep`), fetched with x
         if stream is None:
             self.host = x.detach().clone()
             return
@@ -34,6 +35,8 @@ class _Stash:
             self.copied.record(stream)
 
     def prefetch(self) -> None:
+        for e in self.extras:
+            e.prefetch()
         if self.stream is None or self.ready is not None or self.host is None:
             return
         with torch.cuda.stream(self.stream):
@@ -62,6 +65,7 @@ class _State:
     in_layer = False  # inside a checkpointed layer call: `seed` holds the call's dropout seed
     seed: "torch.Tensor | None" = None  # one 0-d int64 tensor, refilled for every layer call (forward, recompute)
     replay = False  # inside a recompute (the backward pass's forward): see `replaying`
+    kept: list = []  # a layer call's kept tensors, in call order: filled by `keep`, then by the recompute (`kept`)
 
 
 _state = _State()
@@ -79,6 +83,22 @@ def replaying() -> bool:
     the root of the backward pass: its values are never read, so a module whose output feeds nothing but the
     layer's output (the MLP's down projection, see :mod:`.lean`) may skip computing it."""
     return _state.replay
+
+
+def keep(t: torch.Tensor) -> None:
+    """In a checkpointed layer's forward pass: keep `t` (an intermediate value) for the recompute, in host memory
+    beside the layer's input; the recompute gets it back, in the same order, from :func:`kept`."""
+    _state.kept.append(t.detach())
+
+
+def has_kept() -> bool:
+    """In a recompute: a kept value is waiting (:func:`kept` would return one)."""
+    return len(_state.kept) > 0
+
+
+def kept() -> torch.Tensor:
+    """In a recompute: the next value the forward pass kept (see :func:`keep`)."""
+    return _state.kept.pop(0)
 
 
 def _run_layer(seed: int, device: torch.device, fn, *args, replay: bool = False):
@@ -116,33 +136,41 @@ class _OffloadCheckpoint(torch.autograd.Function):
         ctx.prev = _state.last  # the layer before this one: prefetched while this one recomputes
         _state.last = ctx.stash
         ctx.rest = rest
-        with torch.no_grad():
-            out = _run_layer(ctx.seed, x.device, _call, run, x, *rest)
+        _state.kept.clear()
+        try:
+            with torch.no_grad():
+                out = _run_layer(ctx.seed, x.device, _call, run, x, *rest)
+            ctx.stash.extras = [_Stash(t, ctx.stash.stream) for t in _state.kept]
+        finally:
+            _state.kept.clear()
         ctx.tuple_out = isinstance(out, tuple)
         return out
 
     @staticmethod
     def backward(ctx, *grads):
         x0 = ctx.stash.fetch().detach()
+        kept_values = [e.fetch().detach() for e in ctx.stash.extras]
         if ctx.prev is not None:
             ctx.prev.prefetch()
         try:
-            gx = _replay(ctx, x0, grads, _state.call)
+            gx = _replay(ctx, x0, kept_values, grads, _state.call)
         except Exception as e:
             if _state.call is None:
                 raise
             from . import compiled  # the compiled layer failed in its backward pass: once more, eagerly
 
             compiled.disable(f"{type(e).__name__}: {str(e)[:300]}")
-            gx = _replay(ctx, x0, grads, None)
+            gx = _replay(ctx, x0, kept_values, grads, None)
         n_rest = len(ctx.rest)
         ctx.stash = ctx.prev = ctx.run = ctx.rest = None
         return (None, gx) + (None,) * n_rest
 
 
-def _replay(ctx, x0, grads, call):
-    """Recompute the layer from its saved input (RNG and autocast as in the forward pass) and backpropagate."""
+def _replay(ctx, x0, kept_values, grads, call):
+    """Recompute the layer from its saved input and kept values (RNG and autocast as in the forward pass) and
+    backpropagate."""
     x = x0.detach().requires_grad_(True)
+    _state.kept[:] = kept_values
     devs = [torch.device(ctx.dev)] if ctx.cuda_rng is not None else []
     with torch.random.fork_rng(devices=devs, device_type=ctx.dev if ctx.dev != "cpu" else "cuda"):
         torch.set_rng_state(ctx.cpu_rng)
@@ -150,7 +178,13 @@ def _replay(ctx, x0, grads, call):
             torch.cuda.set_rng_state(ctx.cuda_rng, devs[0])
         with torch.enable_grad(), torch.autocast(ctx.dev, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
             fn, args = (ctx.run, (x, *ctx.rest)) if call is None else (call, (ctx.run, x, *ctx.rest))
-            out = _run_layer(ctx.seed, x.device, fn, *args, replay=True)
+            try:
+                out = _run_layer(ctx.seed, x.device, fn, *args, replay=True)
+            finally:
+                left = len(_state.kept)
+                _state.kept.clear()
+    if left:  # a kept value the recompute did not take: the layer ran differently from its forward pass
+        raise RuntimeError(f"tunesmith: a recomputed layer left {left} kept value(s) unused")
     outs = out if ctx.tuple_out else (out,)
     pairs = [(o, g) for o, g in zip(outs, grads)
              if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
