@@ -571,7 +571,7 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
             from tunesmith.kernels import lean as _lean
 
             emit(op="result", workload=wl, tok_s=tokens / seconds, tokens=tokens, seconds=seconds,
-                 lean_recompute=_lean.stats["marked"] > 0, kept_residual=_lean.stats["kept"] > 0,
+                 lean_recompute=_lean.stats["marked"] > 0, kept_attention=_lean.stats["kept"] > 0,
                  sample_peak_gib=max((w for _, w in sample_peaks[1:-1]), default=None),
                  peak_gib=alloc, peak_reserved_gib=reserved, loss_first=res.losses[0], loss_last=res.losses[-1],
                  losses=res.losses, wall_s=time.perf_counter() - t_start,
@@ -971,8 +971,9 @@ def main(argv: list[str] | None = None) -> int:
             sh = SHAPES[row["shape"]]
             rec["mfu"] = 6 * matmul_params(sh) * rec["tok_s"] / peak
             if rec.get("lean_recompute"):  # the matmuls actually run: the recompute skipped the down projections
-                skipped = sh["hidden"] * sh["inter"]  # (and, with the kept residual, the attention outputs)
-                skipped += sh["hidden"] * sh["hidden"] if rec.get("kept_residual") else 0
+                skipped = sh["hidden"] * sh["inter"]  # (and, with the attention's values kept, its projections)
+                if rec.get("kept_attention"):
+                    skipped += sh["hidden"] * (sh["hidden"] // sh["heads"]) * (2 * sh["heads"] + 2 * sh["kv"])
                 rec["mfu_run"] = (6 * matmul_params(sh) - 2 * sh["layers"] * skipped) * rec["tok_s"] / peak
         record["rows"].append(rec)
         save()

@@ -321,18 +321,18 @@ def _full_recompute(model):
             delattr(m, lean.HOOK)
 
 
-def test_kept_residual_only_from_hidden_size_2048(tiny_dir, monkeypatch):
-    """Where on by default, the attention output projection is left alone below a hidden size of 2048 (the tiny
-    model's is 32), and `TUNESMITH_KEEP_RESIDUAL=0` leaves it alone at any size; `=1` forces it; the down projection
-    is marked either way. Off by default for now (not yet run on a GPU)."""
+def test_kept_attention_only_from_hidden_size_2048(tiny_dir, monkeypatch):
+    """Where on by default, the attention projections are left alone below a hidden size of 2048 (the tiny model's
+    is 32), and `TUNESMITH_KEEP_ATTENTION=0` leaves them alone at any size; `=1` forces it; the down projection is
+    marked either way. Off by default for now (not yet run on a GPU)."""
     from tunesmith import kernels
     from tunesmith.kernels import lean
 
     def marked(env, min_hidden=lean.KEEP_MIN_HIDDEN, default=True):
         if env is None:
-            monkeypatch.delenv("TUNESMITH_KEEP_RESIDUAL", raising=False)
+            monkeypatch.delenv("TUNESMITH_KEEP_ATTENTION", raising=False)
         else:
-            monkeypatch.setenv("TUNESMITH_KEEP_RESIDUAL", env)
+            monkeypatch.setenv("TUNESMITH_KEEP_ATTENTION", env)
         monkeypatch.setattr(lean, "KEEP_MIN_HIDDEN", min_hidden)
         monkeypatch.setattr(lean, "KEEP_BY_DEFAULT", default)
         m = _ckpt_lora_model(tiny_dir, "lora", 0.0)
@@ -340,24 +340,26 @@ def test_kept_residual_only_from_hidden_size_2048(tiny_dir, monkeypatch):
         hooks = sum(hasattr(x, lean.HOOK) for x in m.modules())
         return sorted(n.split(".")[-1] for n, x in m.named_modules() if getattr(x, lean.UNUSED, False)), hooks
 
-    assert marked(None) == (["down_proj", "down_proj"], 0)
-    assert marked(None, min_hidden=32) == (["down_proj", "down_proj", "o_proj", "o_proj"], 2)
-    assert marked("0", min_hidden=32) == (["down_proj", "down_proj"], 0)
-    assert marked("1") == (["down_proj", "down_proj", "o_proj", "o_proj"], 2)
-    assert marked(None, min_hidden=32, default=False) == (["down_proj", "down_proj"], 0)
-    assert marked("1", default=False) == (["down_proj", "down_proj", "o_proj", "o_proj"], 2)
+    down = ["down_proj", "down_proj"]
+    every = sorted(down + ["q_proj", "k_proj", "v_proj", "o_proj"] * 2)
+    assert marked(None) == (down, 0)
+    assert marked(None, min_hidden=32) == (every, 8)  # hooks: q, k, v and the post-attention norm, two layers
+    assert marked("0", min_hidden=32) == (down, 0)
+    assert marked("1") == (every, 8)
+    assert marked(None, min_hidden=32, default=False) == (down, 0)
+    assert marked("1", default=False) == (every, 8)
 
 
 @pytest.mark.parametrize("compiled_layers,dropout", [(False, 0.0), (True, 0.0), (False, 0.1)])
 def test_lean_recompute_skips_the_down_projection_with_equal_gradients(tiny_dir, compiled_layers, dropout,
                                                                       monkeypatch):
     """The recompute of an offloaded checkpoint skips each MLP down projection's product (its output only feeds the
-    layer's output, whose values the backward pass never reads), and the attention output projection's (the
-    post-attention norm reads the residual the forward pass kept): loss and every gradient equal the full
+    layer's output, whose values the backward pass never reads), and the attention projections' (the forward pass
+    kept the query/key/value outputs and the post-attention residual): loss and every gradient equal the full
     recompute's, eager and compiled, QLoRA (the NF4 weights not dequantised there either), with and without LoRA
-    dropout. (The kept residual is for hidden sizes from 2048 on; forced here on the tiny model.)"""
+    dropout. (Keeping the attention's values is for hidden sizes from 2048 on; forced here on the tiny model.)"""
     pytest.importorskip("bitsandbytes")
-    monkeypatch.setenv("TUNESMITH_KEEP_RESIDUAL", "1")
+    monkeypatch.setenv("TUNESMITH_KEEP_ATTENTION", "1")
     from torch.utils.flop_counter import FlopCounterMode
 
     from tunesmith import kernels
@@ -369,7 +371,7 @@ def test_lean_recompute_skips_the_down_projection_with_equal_gradients(tiny_dir,
     kernels.apply(ref, device=cpu, method="qlora", kernels="auto", compile_layers=compiled_layers)
     kernels.apply(got, device=cpu, method="qlora", kernels="auto", compile_layers=compiled_layers)
     marked = [n for n, m in got.named_modules() if getattr(m, lean.UNUSED, False)]
-    assert sorted(n.split(".")[-1] for n in marked) == ["down_proj", "down_proj", "o_proj", "o_proj"], marked
+    assert sorted(n.split(".")[-1] for n in marked) == sorted(["down_proj", "q_proj", "k_proj", "v_proj", "o_proj"] * 2)
     _full_recompute(ref)
     try:
         ids = torch.randint(0, 1000, (2, 12))
@@ -387,10 +389,13 @@ def test_lean_recompute_skips_the_down_projection_with_equal_gradients(tiny_dir,
                 assert lean.stats["unused"] == before
             else:
                 l1, g1 = loss, grads
-        if not compiled_layers:  # per layer: the down product (2·T·I·H) and the attention output's (2·T·H·H), less
-            cfg = got.config  # the LoRA terms standing in (2·T·r·H each)
+        if not compiled_layers:  # per layer: the down and the attention products, less the LoRA terms standing in
+            cfg = got.config  # (2·T·r·(in + out) for each projection less its LoRA A product, which still runs)
             t, r, h = ids.numel(), 4, cfg.hidden_size
-            assert flops[0] - flops[1] == cfg.num_hidden_layers * 2 * t * h * (cfg.intermediate_size - r + h - r)
+            kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+            skipped = h * cfg.intermediate_size + 2 * h * h + 2 * h * kv  # down, q and o, k and v
+            stand_in = r * (h + h + kv + kv + h)  # x A^T B^T's second product: down, q, k, v, o
+            assert flops[0] - flops[1] == cfg.num_hidden_layers * 2 * t * (skipped - stand_in)
         assert compiled.active() == compiled_layers  # nothing fell back
         # eagerly two a step; compiled layers count nothing (no guard on a counter), the gradients show the skip
         assert (lean.stats["unused"] > before) == (not compiled_layers)
@@ -407,11 +412,11 @@ def test_lean_recompute_skips_the_down_projection_with_equal_gradients(tiny_dir,
 def test_lean_recompute_of_plain_down_projections(tiny_dir, method, compiled_layers, monkeypatch):
     """Down projections that are not LoRA layers — full fine-tuning (trained weight and all), LoRA and QLoRA that do
     not target them (a frozen bf16/fp32 or NF4 base) — skip their product in the recompute too (and the attention
-    output projections, plain in full fine-tuning): loss and every gradient equal the full recompute's, and
-    (eagerly) the FLOP count drops by exactly those products."""
+    projections, plain in full fine-tuning): loss and every gradient equal the full recompute's, and (eagerly) the
+    FLOP count drops by exactly those products."""
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
-    monkeypatch.setenv("TUNESMITH_KEEP_RESIDUAL", "1")
+    monkeypatch.setenv("TUNESMITH_KEEP_ATTENTION", "1")
     from torch.utils.flop_counter import FlopCounterMode
 
     from tunesmith import kernels
@@ -451,17 +456,19 @@ def test_lean_recompute_of_plain_down_projections(tiny_dir, method, compiled_lay
                 flops.append(fc.get_total_flops())
             skipped.append(lean.stats["unused"] - before)
         assert compiled.active() == compiled_layers
-        # eagerly: the down and attention output projections of each layer (compiled: not counted)
-        assert skipped == ([0, 0] if compiled_layers else [0, 4])
+        # eagerly: the down and the four attention projections of each layer (compiled: not counted)
+        assert skipped == ([0, 0] if compiled_layers else [0, 10])
     finally:
         compiled.disable()
     (l0, g0), (l1, g1) = res
     assert len(g0) >= 20  # full: 2 layers x 9 + embedding + norm; LoRA: 2 x 6 x 2
     _assert_same_loss_and_grads(l0, g0, l1, g1, 1e-6, rtol=1e-5, atol=1e-6)
     if not compiled_layers and method != "qlora":  # (bitsandbytes' 4-bit matmul is not an op the counter sees)
-        cfg = got.config  # the down products, and the attention outputs' (LoRA: less its term standing in)
-        h, o = cfg.hidden_size, cfg.hidden_size - (4 if method == "lora" else 0)
-        assert flops[0] - flops[1] == cfg.num_hidden_layers * 2 * ids.numel() * h * (cfg.intermediate_size + o)
+        cfg = got.config  # the down and attention products (LoRA ones: less their terms standing in)
+        h, r = cfg.hidden_size, 4 if method == "lora" else 0
+        kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+        attn = 2 * h * h + 2 * h * kv - r * (h + kv + kv + h)
+        assert flops[0] - flops[1] == cfg.num_hidden_layers * 2 * ids.numel() * (h * cfg.intermediate_size + attn)
 
 
 def test_compiled_layers_take_packed_batches(tiny_dir):

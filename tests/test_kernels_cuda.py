@@ -373,10 +373,11 @@ def test_host_kept_embedding_and_head_cuda(tied):
 
 
 @pytest.mark.parametrize("compile_layers", [False, True])
-def test_kept_residual_cuda(compile_layers, monkeypatch):
-    """The recompute reading the post-attention residual the forward pass kept (host copies on the side stream,
-    prefetched with the layer input) instead of recomputing the attention output projection: loss and gradients as
-    with the full recompute, eager and compiled, two steps (nothing left over from one step to the next)."""
+def test_kept_attention_cuda(compile_layers, monkeypatch):
+    """The recompute reading the attention projections' outputs and the post-attention residual the forward pass
+    kept (host copies on the side stream, prefetched with the layer input) instead of recomputing the attention's
+    products: loss and gradients as with the full recompute, eager and compiled, two steps (nothing left over from
+    one step to the next)."""
     from tunesmith import kernels
     from tunesmith.kernels import compiled, lean
     from tunesmith.models.load import enable_checkpointing
@@ -387,12 +388,12 @@ def test_kept_residual_cuda(compile_layers, monkeypatch):
     res = []
     try:
         for keep in ("0", "1"):
-            monkeypatch.setenv("TUNESMITH_KEEP_RESIDUAL", keep)
+            monkeypatch.setenv("TUNESMITH_KEEP_ATTENTION", keep)
             m = _tiny_qwen("lora")
             enable_checkpointing(m, offload=True)
             kernels.apply(m, device=torch.device("cuda"), method="lora", kernels="auto", compile_layers=compile_layers)
             hooks = sum(hasattr(x, lean.HOOK) for x in m.modules())
-            assert hooks == (0 if keep == "0" else m.config.num_hidden_layers)
+            assert hooks == (0 if keep == "0" else 4 * m.config.num_hidden_layers)  # q, k, v, post-attention norm
             for _ in range(2):
                 m.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -422,7 +423,7 @@ def test_a_training_step_never_waits_for_the_device_cuda(compile_layers, monkeyp
     from tunesmith.train.loop import to_device
     from tunesmith.train.loss import causal_lm_loss_sum
 
-    monkeypatch.setenv("TUNESMITH_KEEP_RESIDUAL", "1")  # kept residuals too (the tiny model is under the size)
+    monkeypatch.setenv("TUNESMITH_KEEP_ATTENTION", "1")  # kept attention values too (the tiny model is under the size)
     m = _tiny_qwen("lora")
     enable_checkpointing(m, offload=True)
     dev = torch.device("cuda")

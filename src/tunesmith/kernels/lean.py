@@ -8,17 +8,20 @@ weight, its input and (LoRA) ``x A^T``, never its product. So in the recompute i
 of a layer's recompute matmuls (27-29 % on InternLM2-1.8B, Qwen2.5-0.5B and 7B), and in QLoRA the dequantisation of
 its weight. Measured on Qwen2.5-7B LoRA: +8 % tokens/s (bench/RESULTS.md, eighth run).
 
-The attention output projection's product is read by one thing only in the recompute: the post-attention norm,
-through the residual ``h = x + attn``. So the forward pass keeps ``h`` (in host memory beside the layer's input,
-:func:`.offload.keep`), the recompute feeds the norm those values (:class:`_Kept`: the kept values, the gradient
-path of the recomputed ``h``), and the projection skips its product as the down projection does. It saves a
-tokens x hidden x hidden product a layer, and in QLoRA a dequantisation, for 2 x tokens x hidden of GPU memory in
-the backward pass. For now it runs only with ``TUNESMITH_KEEP_RESIDUAL=1`` (at any size): it is written for the GPU
-and tested on the CPU, but has not run on a GPU yet. Once measured there, ``KEEP_BY_DEFAULT`` turns it on for
-hidden sizes from ``KEEP_MIN_HIDDEN`` (2048) on; ``TUNESMITH_KEEP_RESIDUAL=0`` keeps it off.
+The attention's projections can skip their products in the recompute too, if the forward pass keeps a little
+more (``TUNESMITH_KEEP_ATTENTION``): the outputs of the query, key and value projections, and the residual
+``h = x + attn`` that the post-attention norm reads — the one thing the output projection's product reaches in the
+recompute. These are kept in host memory beside the layer's input (:func:`.offload.keep`); the recompute takes the
+kept values in place of the products (:class:`_Kept`: the kept values, the recomputed tensor's gradient path), and
+the four projections skip their products as the down projection does. Per layer it saves the attention's matmuls
+(about 7 % of a Qwen2.5-7B layer's), and in QLoRA their dequantisation, for about 2 x tokens x (2 hidden + 2
+key/value width) of GPU memory in the backward pass and that much more host-device traffic. For now it runs only
+with ``TUNESMITH_KEEP_ATTENTION=1`` (at any size): it is written for the GPU and tested on the CPU, but has not run
+on a GPU yet. Once measured there, ``KEEP_BY_DEFAULT`` turns it on for hidden sizes from ``KEEP_MIN_HIDDEN`` (2048)
+on; ``TUNESMITH_KEEP_ATTENTION=0`` keeps it off.
 
 Which module does what:
-- a LoRA down (or attention output) projection (:mod:`.lora`) skips its base product and returns its LoRA term;
+- a LoRA down (or attention) projection (:mod:`.lora`) skips its base product and returns its LoRA term;
 - a plain one (full fine-tuning, or LoRA that does not target it; bf16 or NF4) runs :class:`_LeanLinear`, which
   returns a slice of its input and writes the gradients out: input ``g W``, weight ``g^T x`` when trained, bias.
 
@@ -40,15 +43,15 @@ import torch.nn as nn
 from . import ORIG, offload, swap_forward
 
 UNUSED = "_tunesmith_output_unused"  # set on modules whose output only feeds the decoder layer's output
-KEPT = "kept"  # UNUSED's value on an attention output projection: its product is replaced by a kept value
-HOOK = "_tunesmith_keep_hook"  # the forward pre-hook's handle on a post-attention norm
+KEPT = "kept"  # UNUSED's value on an attention projection: a kept value stands in for its product
+HOOK = "_tunesmith_keep_hook"  # the keeping hook's handle (a query/key/value projection, a post-attention norm)
 _RESIDUAL_MLP_LAYERS = {"LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer"}
 stats = {"unused": 0, "marked": 0, "kept": 0}  # eager module calls that skipped their product; modules marked;
-# attention output projections among them (tests, bench)
-# Keeping the residual costs 2 x tokens x hidden of GPU memory in the backward pass (the kept values of the layer
-# being recomputed and of the one prefetched) and saves a tokens x hidden x hidden product a layer: taken where that
-# product is large (hidden sizes of 1.8B models and up); below, steps are bound by the host, not by the GPU's
-# matmuls (bench/RESULTS.md), and the memory is a larger share of a small peak.
+# attention projections among them (tests, bench)
+# Keeping the attention's values costs about 2 x tokens x (2 hidden + 2 key/value width) of GPU memory in the
+# backward pass (the kept values of the layer being recomputed and of the one prefetched) and saves the four
+# attention products a layer: taken where they are large (hidden sizes of 1.8B models and up); below, steps are
+# bound by the host, not by the GPU's matmuls (bench/RESULTS.md), and the memory is a larger share of a small peak.
 KEEP_MIN_HIDDEN = 2048
 KEEP_BY_DEFAULT = False  # until it has run and been measured on a GPU (written after the tenth run's device time)
 
@@ -145,24 +148,50 @@ def _keep_hook(norm: nn.Module, args):
     return (_Kept.apply(h, offload.kept()), *args[1:])
 
 
-def _mark_attention_output(layer: nn.Module) -> bool:
-    """Mark `layer`'s attention output projection (LoRA or a plain square one) and hook its post-attention norm."""
-    o = getattr(getattr(layer, "self_attn", None), "o_proj", None)
-    norm = getattr(layer, "post_attention_layernorm", None)
-    if o is None or not isinstance(norm, nn.Module) or getattr(o, UNUSED, False):
-        return False
-    env = os.environ.get("TUNESMITH_KEEP_RESIDUAL")
-    if env != "1" and (env == "0" or not KEEP_BY_DEFAULT or getattr(o, "in_features", 0) < KEEP_MIN_HIDDEN):
-        return False
-    if hasattr(o, ORIG):
+def _keep_output_hook(proj: nn.Module, args, out):
+    """Forward hook of a query/key/value projection, inside checkpointed layer calls only: the forward pass keeps
+    its output, the recompute reads it back in place of the product it skipped (:class:`_Kept`)."""
+    if not offload._state.in_layer or not isinstance(out, torch.Tensor):
+        return None
+    if not offload.replaying():
+        offload.keep(out)
+        return None
+    return _Kept.apply(out, offload.kept()) if offload.has_kept() else None
+
+
+def _mark_kept(proj: nn.Module) -> bool:
+    """Mark `proj` (a LoRA layer, or a plain one no wider out than in) as skipping its product where a kept value
+    stands in for it."""
+    if hasattr(proj, ORIG):
         pass  # a LoRA layer routed through the LoRA function
-    elif not (_plain_linear(o) and o.in_features >= o.out_features and swap_forward(o, _lean_forward)):
+    elif not (_plain_linear(proj) and proj.in_features >= proj.out_features and swap_forward(proj, _lean_forward)):
         return False
-    setattr(o, UNUSED, KEPT)
+    setattr(proj, UNUSED, KEPT)
     stats["kept"] += 1
-    if not hasattr(norm, HOOK):
-        setattr(norm, HOOK, norm.register_forward_pre_hook(_keep_hook))
     return True
+
+
+def _keep_attention(layer: nn.Module) -> int:
+    """Where on (see the module): mark `layer`'s attention projections, hook them (query/key/value: their outputs
+    are kept) and the post-attention norm (its input is kept, for the output projection). Returns how many."""
+    attn = getattr(layer, "self_attn", None)
+    norm = getattr(layer, "post_attention_layernorm", None)
+    o = getattr(attn, "o_proj", None)
+    if o is None or not isinstance(norm, nn.Module) or getattr(o, UNUSED, False):
+        return 0
+    env = os.environ.get("TUNESMITH_KEEP_ATTENTION")
+    if env != "1" and (env == "0" or not KEEP_BY_DEFAULT or getattr(o, "in_features", 0) < KEEP_MIN_HIDDEN):
+        return 0
+    n = 0
+    for name in ("q_proj", "k_proj", "v_proj"):
+        proj = getattr(attn, name, None)
+        if isinstance(proj, nn.Module) and _mark_kept(proj):
+            setattr(proj, HOOK, proj.register_forward_hook(_keep_output_hook))
+            n += 1
+    if _mark_kept(o):
+        setattr(norm, HOOK, norm.register_forward_pre_hook(_keep_hook))
+        n += 1
+    return n
 
 
 def mark_unused_outputs(model: nn.Module) -> int:
@@ -183,7 +212,6 @@ def mark_unused_outputs(model: nn.Module) -> int:
             elif _plain_linear(down) and down.in_features >= down.out_features and swap_forward(down, _lean_forward):
                 setattr(down, UNUSED, True)
                 n += 1
-        if _mark_attention_output(layer):
-            n += 1
+        n += _keep_attention(layer)
     stats["marked"] += n
     return n
