@@ -386,7 +386,7 @@ def _timeline(events: list[dict], steps: int, top: int = 12) -> str:
         busy += max(0.0, t1 - max(t0, end))
         if t1 > end:
             end, prev = t1, name
-    span = end - ks[0][0]
+    span = max(end - ks[0][0], 1e-9)
     lines = [f"timeline: compute kernels busy {busy / 1e3 / steps:.1f} ms/step, idle {idle / 1e3 / steps:.1f} "
              f"ms/step ({100 * idle / span:.1f} % of the traced span); gaps over 20 us by the kernels around them:"]
     for (a, b), (us, n) in sorted(gaps.items(), key=lambda x: -x[1][0])[:top]:

@@ -880,6 +880,10 @@ def test_hand_back_after_sampling_keeps_the_generation_head():
     hw.restore()
     assert m.head.weight.data_ptr() == device_copy.data_ptr() and torch.equal(m.head.weight, head0)
     assert host_weights.of(m) is None
+    emb_copy = m.emb.weight.data.clone()  # (the device copy restore made)
+    m.emb.weight.data = emb_copy
+    hw.restore()  # again (the sampling fallback restored it already): nothing copied a second time
+    assert m.emb.weight.data_ptr() == emb_copy.data_ptr() and m.head.weight.data_ptr() == device_copy.data_ptr()
 
 
 def test_sampling_falls_back_to_the_whole_model_when_host_embedding_generation_fails(smollm2_dir, tmp_path):
@@ -930,7 +934,7 @@ def test_kept_values_come_back_in_the_recompute_in_order():
             offload.keep(a)
             offload.keep(b)
         elif take:
-            ka, kb = offload.kept(), offload.kept()
+            ka, kb = offload.kept(a), offload.kept(b)
             seen.append((torch.equal(ka, a.detach()), torch.equal(kb, b.detach())))
         return x + a * b
 
@@ -946,6 +950,54 @@ def test_kept_values_come_back_in_the_recompute_in_order():
     for g, h in zip(got, want):
         assert torch.allclose(g, h)
     assert not offload.has_kept()
-    with pytest.raises(RuntimeError, match="left 2 kept value"):
+    with pytest.raises(offload.KeptValueError, match="left 2 kept value"):
         grads(lambda x: offload.offload_checkpoint(lambda t: layer(t, take=False), x))
     assert not offload.has_kept()
+
+    def misread(x):  # reads a kept value in place of a tensor of another shape
+        if not offload.replaying():
+            offload.keep(x[:1])
+        else:
+            offload.kept(x)
+        return x * 2
+
+    with pytest.raises(offload.KeptValueError, match=r"shape \(1, 6\)"):
+        grads(lambda x: offload.offload_checkpoint(misread, x))
+    assert not offload.has_kept()
+
+
+@pytest.mark.parametrize("when", ["forward", "recompute"])
+def test_kept_attention_survives_a_compiled_layer_failing_after_a_graph_break(tiny_dir, monkeypatch, when):
+    """A compiled layer that fails after a graph break (the first graph ran: it kept, or took, some values) falls
+    back to the eager layer, which must see the kept values as they were before the call: the same loss and
+    gradients as an eager run, not values read out of order."""
+    from tunesmith import kernels
+    from tunesmith.kernels import compiled, offload
+
+    monkeypatch.setenv("TUNESMITH_KEEP_ATTENTION", "1")
+
+    def build(compile_layers):
+        m = _ckpt_lora_model(tiny_dir, "lora", 0.0)
+        kernels.apply(m, device=torch.device("cpu"), method="lora", kernels="auto", compile_layers=compile_layers)
+        return m
+
+    ids = torch.randint(0, 1000, (2, 12))
+    l0, g0 = _ckpt_loss_and_grads(build(False), ids)
+    got = build(True)
+    state = {"fail": True}
+
+    @torch._dynamo.disable
+    def boom():  # a graph break; the first time in the chosen pass, the failure of the layer's second graph
+        if state["fail"] and compiled.active() and offload.replaying() == (when == "recompute"):
+            state["fail"] = False
+            raise RuntimeError("simulated failure of the layer's second compiled graph")
+
+    for layer in got.base_model.model.model.layers:
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda mod, args: boom())
+    try:
+        with pytest.warns(UserWarning, match="compiled decoder layers turned off"):
+            l1, g1 = _ckpt_loss_and_grads(got, ids)
+        assert not state["fail"] and not compiled.active()
+    finally:
+        compiled.disable()
+    _assert_same_loss_and_grads(l0, g0, l1, g1, 1e-6, rtol=1e-5, atol=1e-6)

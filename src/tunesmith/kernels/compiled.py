@@ -48,6 +48,7 @@ stats = {"compiled": 0}  # layer calls through the compiled body (tests read it)
 
 def _guarded(run, *args):
     stats["compiled"] += 1
+    kept = list(offload._state.kept)  # a failure after a graph break leaves the kept values half taken or added
     try:
         # No common-subexpression elimination across the joint graph: the LoRA function dequantises an NF4 weight
         # in its forward pass and again in its backward pass; merged, the partitioner kept every dequantised
@@ -57,8 +58,11 @@ def _guarded(run, *args):
         # 1.5-5 % faster and 0.09-0.31 GiB heavier on the QLoRA rows).
         with torch._functorch.config.patch(cse=os.environ.get("TUNESMITH_COMPILE_CSE") == "1"):
             return _compiled(run, *args)
+    except offload.KeptValueError:
+        raise
     except Exception as e:  # noqa: BLE001 — a compiler failure must not end the run
         disable(f"{type(e).__name__}: {str(e)[:300]}")
+        offload._state.kept[:] = kept  # as they were before the call, for the eager one
         return run(*args)
 
 

@@ -108,7 +108,10 @@ class HostWeights:
         self.generating = True
 
     def restore(self) -> None:
-        """The plain model again: both matrices on the GPU, the embedding's own forward."""
+        """The plain model again: both matrices on the GPU, the embedding's own forward. Once only (a sampling
+        fallback may have restored the model already: copying again would hold both copies at once)."""
+        if not self.active:
+            return
         self.emb.weight.data = self.e_host.to(self.device)
         if self.head is not None and not self.tied and not self.generating:  # sampling brought the head already:
             self.head.weight.data = self.h_host.to(self.device)  # a second copy would hold both at once

@@ -125,7 +125,7 @@ class _Kept(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, kept):
-        return kept.clone()
+        return kept.view_as(kept)  # no copy: nothing writes to these values in place
 
     @staticmethod
     def backward(ctx, g):
@@ -145,7 +145,7 @@ def _keep_hook(norm: nn.Module, args):
         return None
     if not offload.has_kept():  # (the projection computed its product: nothing to replace)
         return None
-    return (_Kept.apply(h, offload.kept()), *args[1:])
+    return (_Kept.apply(h, offload.kept(h)), *args[1:])
 
 
 def _keep_output_hook(proj: nn.Module, args, out):
@@ -156,7 +156,7 @@ def _keep_output_hook(proj: nn.Module, args, out):
     if not offload.replaying():
         offload.keep(out)
         return None
-    return _Kept.apply(out, offload.kept()) if offload.has_kept() else None
+    return _Kept.apply(out, offload.kept(out)) if offload.has_kept() else None
 
 
 def _mark_kept(proj: nn.Module) -> bool:

@@ -85,6 +85,11 @@ def replaying() -> bool:
     return _state.replay
 
 
+class KeptValueError(RuntimeError):
+    """A recompute did not read the kept values as its forward pass kept them: a layer that runs differently the
+    second time. Never retried eagerly (that would hide it)."""
+
+
 def keep(t: torch.Tensor) -> None:
     """In a checkpointed layer's forward pass: keep `t` (an intermediate value) for the recompute, in host memory
     beside the layer's input; the recompute gets it back, in the same order, from :func:`kept`."""
@@ -96,9 +101,14 @@ def has_kept() -> bool:
     return len(_state.kept) > 0
 
 
-def kept() -> torch.Tensor:
-    """In a recompute: the next value the forward pass kept (see :func:`keep`)."""
-    return _state.kept.pop(0)
+def kept(like: torch.Tensor) -> torch.Tensor:
+    """In a recompute: the next value the forward pass kept (see :func:`keep`), which stands in for `like` (the
+    recomputed tensor): a value of another shape or dtype means the recompute reads them out of order."""
+    t = _state.kept.pop(0)
+    if t.shape != like.shape or t.dtype != like.dtype:
+        raise KeptValueError(f"tunesmith: a recomputed layer read a kept value of shape {tuple(t.shape)} "
+                             f"{t.dtype} for one of {tuple(like.shape)} {like.dtype}")
+    return t
 
 
 def _run_layer(seed: int, device: torch.device, fn, *args, replay: bool = False):
@@ -155,7 +165,7 @@ class _OffloadCheckpoint(torch.autograd.Function):
         try:
             gx = _replay(ctx, x0, kept_values, grads, _state.call)
         except Exception as e:
-            if _state.call is None:
+            if _state.call is None or isinstance(e, KeptValueError):
                 raise
             from . import compiled  # the compiled layer failed in its backward pass: once more, eagerly
 
@@ -184,7 +194,7 @@ def _replay(ctx, x0, kept_values, grads, call):
                 left = len(_state.kept)
                 _state.kept.clear()
     if left:  # a kept value the recompute did not take: the layer ran differently from its forward pass
-        raise RuntimeError(f"tunesmith: a recomputed layer left {left} kept value(s) unused")
+        raise KeptValueError(f"tunesmith: a recomputed layer left {left} kept value(s) unused")
     outs = out if ctx.tuple_out else (out,)
     pairs = [(o, g) for o, g in zip(outs, grads)
              if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
