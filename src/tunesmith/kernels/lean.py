@@ -60,7 +60,7 @@ def skip(module: nn.Module) -> bool:
     """`module` is marked and its layer is being recomputed: its product is not needed. Counted outside traced code
     only (a counter read inside a compiled layer makes Dynamo guard on it and recompile on every call)."""
     mark = getattr(module, UNUSED, False)
-    # an attention output projection: only while its layer's kept residual stands in for its product
+    # an attention projection: only while a kept value waits to stand in for its product
     unused = bool(mark) and offload.replaying() and (mark is not KEPT or offload.has_kept())
     if unused and not torch.compiler.is_compiling():
         stats["unused"] += 1
@@ -197,7 +197,8 @@ def _keep_attention(layer: nn.Module) -> int:
 def mark_unused_outputs(model: nn.Module) -> int:
     """Mark the MLP down projections of `model`'s decoder layers of a known residual form: LoRA ones patched by
     :func:`.lora.patch_lora` (call this after it), plain or NF4 ones (their forward is routed through
-    `_lean_forward`). Returns how many were marked."""
+    `_lean_forward`); and, where on, the attention projections (:func:`_keep_attention`). Returns how many were
+    marked."""
     if os.environ.get("TUNESMITH_LEAN_RECOMPUTE") == "0":
         return 0
     n = 0
