@@ -86,12 +86,15 @@ def parse_row(spec: str) -> dict:
     return {"shape": shape, "method": method, "seq": seq, "batch": batch}
 
 
+def attn_params(s: dict) -> int:
+    """One block's attention projection weights (query, key, value, output)."""
+    return s["hidden"] * (s["hidden"] // s["heads"]) * (2 * s["heads"] + 2 * s["kv"])
+
+
 def matmul_params(s: dict) -> int:
     """Weights that take part in matrix multiplies: the blocks' linear layers and lm_head (not the embedding)."""
-    hd = s["hidden"] // s["heads"]
-    attn = s["hidden"] * hd * (2 * s["heads"] + 2 * s["kv"])
     mlp = 3 * s["hidden"] * s["inter"]
-    return s["layers"] * (attn + mlp) + s["vocab"] * s["hidden"]
+    return s["layers"] * (attn_params(s) + mlp) + s["vocab"] * s["hidden"]
 
 
 def peak_bf16_flops(gpu: str | None) -> float | None:
@@ -973,7 +976,7 @@ def main(argv: list[str] | None = None) -> int:
             if rec.get("lean_recompute"):  # the matmuls actually run: the recompute skipped the down projections
                 skipped = sh["hidden"] * sh["inter"]  # (and, with the attention's values kept, its projections)
                 if rec.get("kept_attention"):
-                    skipped += sh["hidden"] * (sh["hidden"] // sh["heads"]) * (2 * sh["heads"] + 2 * sh["kv"])
+                    skipped += attn_params(sh)
                 rec["mfu_run"] = (6 * matmul_params(sh) - 2 * sh["layers"] * skipped) * rec["tok_s"] / peak
         record["rows"].append(rec)
         save()

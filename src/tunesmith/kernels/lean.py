@@ -132,42 +132,41 @@ class _Kept(torch.autograd.Function):
         return g, None
 
 
-def _keep_hook(norm: nn.Module, args):
-    """Forward pre-hook of a post-attention norm, inside checkpointed layer calls only: the forward pass keeps the
-    norm's input (the residual stream after attention); the recompute feeds the norm those kept values, with the
-    gradient still flowing to the recomputed input (:class:`_Kept`). The attention output projection,
-    whose product is only ever read through that input, then skips it (:func:`skip`)."""
-    if not offload._state.in_layer or not args:
+def _keep_or_take(t: torch.Tensor) -> torch.Tensor | None:
+    """Inside checkpointed layer calls only: in the forward pass, keep `t` (None back: `t` stays as it is); in the
+    recompute, the kept value in its place, with `t`'s gradient path (:class:`_Kept`), if one waits."""
+    if not offload._state.in_layer:
         return None
-    h = args[0]
     if not offload.replaying():
-        offload.keep(h)
+        offload.keep(t)
         return None
-    if not offload.has_kept():  # (the projection computed its product: nothing to replace)
-        return None
-    return (_Kept.apply(h, offload.kept(h)), *args[1:])
+    return _Kept.apply(t, offload.kept(t)) if offload.has_kept() else None
+
+
+def _keep_hook(norm: nn.Module, args):
+    """Forward pre-hook of a post-attention norm: its input (the residual stream after attention) kept, then fed
+    back in the recompute (:func:`_keep_or_take`). The attention output projection, whose product is only ever read
+    through that input, then skips it (:func:`skip`)."""
+    h = _keep_or_take(args[0]) if args else None
+    return None if h is None else (h, *args[1:])
 
 
 def _keep_output_hook(proj: nn.Module, args, out):
-    """Forward hook of a query/key/value projection, inside checkpointed layer calls only: the forward pass keeps
-    its output, the recompute reads it back in place of the product it skipped (:class:`_Kept`)."""
-    if not offload._state.in_layer or not isinstance(out, torch.Tensor):
-        return None
-    if not offload.replaying():
-        offload.keep(out)
-        return None
-    return _Kept.apply(out, offload.kept(out)) if offload.has_kept() else None
+    """Forward hook of a query/key/value projection: its output kept, then read back in the recompute in place of
+    the product it skipped (:func:`_keep_or_take`)."""
+    return _keep_or_take(out) if isinstance(out, torch.Tensor) else None
 
 
-def _mark_kept(proj: nn.Module) -> bool:
-    """Mark `proj` (a LoRA layer, or a plain one no wider out than in) as skipping its product where a kept value
-    stands in for it."""
+def _mark(proj: nn.Module, value) -> bool:
+    """Mark `proj` (a LoRA layer, or a plain one no wider out than in) as skipping its product in the recompute:
+    `value` True (its output is never read there) or KEPT (a kept value stands in for it)."""
     if hasattr(proj, ORIG):
         pass  # a LoRA layer routed through the LoRA function
     elif not (_plain_linear(proj) and proj.in_features >= proj.out_features and swap_forward(proj, _lean_forward)):
         return False
-    setattr(proj, UNUSED, KEPT)
-    stats["kept"] += 1
+    setattr(proj, UNUSED, value)
+    if value is KEPT:
+        stats["kept"] += 1
     return True
 
 
@@ -185,10 +184,10 @@ def _keep_attention(layer: nn.Module) -> int:
     n = 0
     for name in ("q_proj", "k_proj", "v_proj"):
         proj = getattr(attn, name, None)
-        if isinstance(proj, nn.Module) and _mark_kept(proj):
+        if isinstance(proj, nn.Module) and _mark(proj, KEPT):
             setattr(proj, HOOK, proj.register_forward_hook(_keep_output_hook))
             n += 1
-    if _mark_kept(o):
+    if _mark(o, KEPT):
         setattr(norm, HOOK, norm.register_forward_pre_hook(_keep_hook))
         n += 1
     return n
@@ -206,13 +205,8 @@ def mark_unused_outputs(model: nn.Module) -> int:
         if type(layer).__name__ not in _RESIDUAL_MLP_LAYERS:
             continue
         down = getattr(getattr(layer, "mlp", None), "down_proj", None)
-        if down is not None and not getattr(down, UNUSED, False):
-            if hasattr(down, ORIG):  # a LoRA layer routed through the LoRA function
-                setattr(down, UNUSED, True)
-                n += 1
-            elif _plain_linear(down) and down.in_features >= down.out_features and swap_forward(down, _lean_forward):
-                setattr(down, UNUSED, True)
-                n += 1
+        if down is not None and not getattr(down, UNUSED, False) and _mark(down, True):
+            n += 1
         n += _keep_attention(layer)
     stats["marked"] += n
     return n
