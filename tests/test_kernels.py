@@ -321,10 +321,10 @@ def _full_recompute(model):
             delattr(m, lean.HOOK)
 
 
-def test_kept_attention_only_from_hidden_size_2048(tiny_dir, monkeypatch):
-    """Where on by default, the attention projections are left alone below a hidden size of 2048 (the tiny model's
-    is 32), and `TUNESMITH_KEEP_ATTENTION=0` leaves them alone at any size; `=1` forces it; the down projection is
-    marked either way. Off by default for now (not yet run on a GPU)."""
+def test_kept_attention_only_from_hidden_size_3072(tiny_dir, monkeypatch):
+    """The attention projections are left alone below a hidden size of 3072 (the tiny model's is 32), and
+    `TUNESMITH_KEEP_ATTENTION=0` leaves them alone at any size; `=1` forces it; the down projection is marked either
+    way."""
     from tunesmith import kernels
     from tunesmith.kernels import lean
 
@@ -342,6 +342,7 @@ def test_kept_attention_only_from_hidden_size_2048(tiny_dir, monkeypatch):
 
     down = ["down_proj", "down_proj"]
     every = sorted(down + ["q_proj", "k_proj", "v_proj", "o_proj"] * 2)
+    assert lean.KEEP_BY_DEFAULT and lean.KEEP_MIN_HIDDEN == 3072
     assert marked(None) == (down, 0)
     assert marked(None, min_hidden=32) == (every, 8)  # hooks: q, k, v and the post-attention norm, two layers
     assert marked("0", min_hidden=32) == (down, 0)

@@ -15,10 +15,11 @@ recompute. These are kept in host memory beside the layer's input (:func:`.offlo
 kept values in place of the products (:class:`_Kept`: the kept values, the recomputed tensor's gradient path), and
 the four projections skip their products as the down projection does. Per layer it saves the attention's matmuls
 (about 7 % of a Qwen2.5-7B layer's), and in QLoRA their dequantisation, for about 2 x tokens x (2 hidden + 2
-key/value width) of GPU memory in the backward pass and that much more host-device traffic. For now it runs only
-with ``TUNESMITH_KEEP_ATTENTION=1`` (at any size): it is written for the GPU and tested on the CPU, but has not run
-on a GPU yet. Once measured there, ``KEEP_BY_DEFAULT`` turns it on for hidden sizes from ``KEEP_MIN_HIDDEN`` (2048)
-on; ``TUNESMITH_KEEP_ATTENTION=0`` keeps it off.
+key/value width) of GPU memory in the backward pass and that much more host-device traffic. Measured on
+Qwen2.5-7B (H200, bench/RESULTS.md, eleventh run): LoRA +3-4 % tokens/s (13,696 against 13,295, 58.7 % MFU), QLoRA
++2 %, for +0.25 / +0.11 GiB. On by default from a hidden size of ``KEEP_MIN_HIDDEN`` (3072: 3B-class models and up;
+not yet measured below, where steps are more often bound by the host); ``TUNESMITH_KEEP_ATTENTION=1`` forces it at
+any size, ``=0`` turns it off.
 
 Which module does what:
 - a LoRA down (or attention) projection (:mod:`.lora`) skips its base product and returns its LoRA term;
@@ -50,10 +51,11 @@ stats = {"unused": 0, "marked": 0, "kept": 0}  # eager module calls that skipped
 # attention projections among them (tests, bench)
 # Keeping the attention's values costs about 2 x tokens x (2 hidden + 2 key/value width) of GPU memory in the
 # backward pass (the kept values of the layer being recomputed and of the one prefetched) and saves the four
-# attention products a layer: taken where they are large (hidden sizes of 1.8B models and up); below, steps are
-# bound by the host, not by the GPU's matmuls (bench/RESULTS.md), and the memory is a larger share of a small peak.
-KEEP_MIN_HIDDEN = 2048
-KEEP_BY_DEFAULT = False  # until it has run and been measured on a GPU (written after the tenth run's device time)
+# attention products a layer: taken where they are large (measured on 7B, hidden 3584); below, steps are more
+# often bound by the host than by the GPU's matmuls (bench/RESULTS.md), and the memory is a larger share of a small
+# peak.
+KEEP_MIN_HIDDEN = 3072
+KEEP_BY_DEFAULT = True
 
 
 def skip(module: nn.Module) -> bool:
