@@ -16,7 +16,7 @@ kept values in place of the products (:class:`_Kept`: the kept values, the recom
 the four projections skip their products as the down projection does. Per layer it saves the attention's matmuls
 (about 7 % of a Qwen2.5-7B layer's), and in QLoRA their dequantisation, for about 2 x tokens x (2 hidden + 2
 key/value width) of GPU memory in the backward pass and that much more host-device traffic. Measured on
-Qwen2.5-7B (H200, bench/RESULTS.md, eleventh run): LoRA +3-4 % tokens/s (13,696 against 13,295, 58.7 % MFU), QLoRA
+Qwen2.5-7B (H200, bench/RESULTS.md, eleventh run): LoRA +3 % tokens/s (13,696 against 13,295, 58.7 % MFU), QLoRA
 +2 %, for +0.25 / +0.11 GiB. On by default from a hidden size of ``KEEP_MIN_HIDDEN`` (3072: 3B-class models and up;
 not yet measured below, where steps are more often bound by the host); ``TUNESMITH_KEEP_ATTENTION=1`` forces it at
 any size, ``=0`` turns it off.
