@@ -168,6 +168,32 @@ def test_offload_reserves_no_more_than_it_allocates_cuda():
         assert _rel(g, h) < 1e-5
 
 
+def test_offload_reuses_held_inputs_unless_changed_in_place_cuda(monkeypatch):
+    """The last layers' inputs are still on the device when the backward pass starts: the recompute uses them
+    without copying them back, unless they were changed in place since (their version moved), when the host copy
+    is the value the layer saw."""
+    from tunesmith.kernels import offload
+
+    monkeypatch.setattr(offload, "REUSE_HELD", True)
+
+    torch.manual_seed(0)
+    w = torch.randn(256, 256, device="cuda", requires_grad=True)
+    for change in (False, True):
+        x = torch.randn(512, 256, device="cuda", requires_grad=True)
+        h = x * 1.0  # a non-leaf layer input whose later in-place change autograd does not forbid
+        ref = torch.tanh(h.detach().clone() @ w).pow(2).sum()
+        want = torch.autograd.grad(ref, w)[0]
+        y = offload.offload_checkpoint(lambda t: torch.tanh(t @ w), h)
+        assert offload._state.held[-1].gpu is not None  # held (not released: the last layer of its forward)
+        torch.cuda.synchronize()  # the host copy is made
+        if change:
+            with torch.no_grad():
+                h.mul_(2)
+        w.grad = None
+        y.pow(2).sum().backward()
+        assert _rel(w.grad, want) < 1e-5, change
+
+
 def test_lora_dropout_cuda_bf16_matches_masked_reference():
     import torch.nn as nn
 

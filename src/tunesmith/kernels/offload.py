@@ -28,7 +28,7 @@ class _Stash:
 
     def __init__(self, x: torch.Tensor, stream):
         self.device, self.stream = x.device, stream
-        self.ready = self.gpu = None
+        self.ready = self.gpu = self.ready_event = None
         self.extras: list[_Stash] = []  # tensors the layer call kept for its recompute (see `keep`), fetched with x
         if stream is None:
             self.host = x.detach().clone()
@@ -40,6 +40,7 @@ class _Stash:
             self.copied = torch.cuda.Event()
             self.copied.record(stream)
         self.gpu = x.detach()  # held until the compute stream has waited for the copy (release)
+        self.version = x._version  # an in-place change since (seen at prefetch) means the host copy is the value
 
     def release(self) -> None:
         """Let the device tensor go: the compute stream first waits (on the GPU, not the host) for its copy to host
@@ -56,6 +57,11 @@ class _Stash:
         if self.stream is None or self.ready is not None or self.host is None:
             return
         cur = torch.cuda.current_stream(self.device)
+        if REUSE_HELD and self.gpu is not None and self.gpu._version == self.version:
+            # one of the last layers of the forward pass, still held: its device tensor serves, no copy back
+            cur.wait_event(self.copied)  # (its block is freed in stream order once the recompute is done with it)
+            self.ready, self.gpu, self.ready_event = self.gpu, None, None
+            return
         self.release()
         self.ready = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)  # compute stream's pool
         self.stream.wait_stream(cur)  # its block may still serve work queued on the compute stream
@@ -70,7 +76,8 @@ class _Stash:
             x, self.host = self.host, None
             return x
         self.prefetch()
-        torch.cuda.current_stream(self.device).wait_event(self.ready_event)
+        if self.ready_event is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.ready_event)
         x = self.ready
         self.ready = self.host = None
         return x
@@ -89,6 +96,10 @@ class _State:
 
 # 2 against 4 on 7B LoRA: the same speed, 0.36 GiB less at the peak (bench/RESULTS.md, eleventh run)
 HELD_LAYERS = 2  # how many layers' device tensors wait for their copies before the compute stream waits for them
+# The backward pass starts with the last layers, whose device tensors are still held: reading them saves copying
+# them back (~4 ms at the start of a 7B step, where nothing overlaps the copy). Written after the eleventh run's
+# device time: off until its CUDA test (test_offload_reuses_held_inputs_unless_changed_in_place_cuda) has run.
+REUSE_HELD = False
 
 
 _state = _State()
