@@ -184,13 +184,18 @@ def test_offload_reuses_held_inputs_unless_changed_in_place_cuda(monkeypatch):
         ref = torch.tanh(h.detach().clone() @ w).pow(2).sum()
         want = torch.autograd.grad(ref, w)[0]
         y = offload.offload_checkpoint(lambda t: torch.tanh(t @ w), h)
-        assert offload._state.held[-1].gpu is not None  # held (not released: the last layer of its forward)
-        torch.cuda.synchronize()  # the host copy is made
+        stash = offload._state.held[-1]
+        assert stash.gpu is not None  # held (not released: the last layer of its forward)
+        torch.cuda.synchronize()  # the host copy is made (otherwise it could hold either value)
+        w.grad = None
         if change:
             with torch.no_grad():
                 h.mul_(2)
-        w.grad = None
-        y.pow(2).sum().backward()
+            with pytest.warns(UserWarning, match="changed in place"):
+                y.pow(2).sum().backward()
+        else:
+            y.pow(2).sum().backward()
+        assert (stash.ready_event is None) == (not change)  # read in place; copied back after the change
         assert _rel(w.grad, want) < 1e-5, change
 
 

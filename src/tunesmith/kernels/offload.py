@@ -48,8 +48,19 @@ class _Stash:
         for e in self.extras:
             e.release()
         if self.gpu is not None:
+            if self.gpu._version != self.version:
+                _warn_changed()
             torch.cuda.current_stream(self.device).wait_event(self.copied)
             self.gpu = None
+
+    def __del__(self):
+        # Dropped with a copy back still pending (prefetched, never fetched: a step that raised): the compute stream
+        # waits for it before the block can serve other work.
+        try:
+            if self.ready is not None and self.ready_event is not None:
+                torch.cuda.current_stream(self.device).wait_event(self.ready_event)
+        except Exception:  # interpreter shutdown
+            pass
 
     def prefetch(self) -> None:
         for e in self.extras:
@@ -57,7 +68,7 @@ class _Stash:
         if self.stream is None or self.ready is not None or self.host is None:
             return
         cur = torch.cuda.current_stream(self.device)
-        if REUSE_HELD and self.gpu is not None and self.gpu._version == self.version:
+        if REUSE_HELD and self.gpu is not None and self.gpu._version == self.version and self.gpu.is_contiguous():
             # one of the last layers of the forward pass, still held: its device tensor serves, no copy back
             cur.wait_event(self.copied)  # (its block is freed in stream order once the recompute is done with it)
             self.ready, self.gpu, self.ready_event = self.gpu, None, None
@@ -156,6 +167,24 @@ def _run_layer(seed: int, device: torch.device, fn, *args, replay: bool = False)
         return fn(*args)
     finally:
         _state.in_layer = _state.replay = False
+
+
+def _warn_changed() -> None:
+    import warnings
+
+    warnings.warn("tunesmith: a checkpointed layer's input (or a value it kept) was changed in place after the layer "
+                  "ran; its host copy may hold either value, so gradients may be wrong. Train with "
+                  "train.offload_activations: false for this model, and please report it.", stacklevel=3)
+
+
+def reset() -> None:
+    """Forget the stashes of an earlier forward pass (one whose backward pass never ran: a step that raised), so
+    no prefetch reaches across runs and nothing they hold stays alive."""
+    for s in _state.held:
+        s.release()
+    _state.held.clear()
+    _state.kept.clear()
+    _state.last = None
 
 
 def _copy_stream(device: torch.device):

@@ -133,8 +133,9 @@ def enable_checkpointing(model, offload: bool = False) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if offload:
-        from ..kernels.offload import offload_checkpoint
+        from ..kernels.offload import offload_checkpoint, reset
 
+        reset()  # nothing left over from an earlier run in this process (one that raised, say)
         for m in model.modules():
             if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
                 m._gradient_checkpointing_func = offload_checkpoint
