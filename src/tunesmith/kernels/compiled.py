@@ -76,7 +76,10 @@ def enable() -> None:
     # one graph per (grad mode, with/without mask); every layer reuses it — leave room for a few variants
     dcfg.recompile_limit = max(getattr(dcfg, "recompile_limit", 8), 32)
     if _compiled is None:
-        _compiled = torch.compile(_body, dynamic=True)
+        # TUNESMITH_COMPILE_MODE (for A/B runs, not measured yet): a torch.compile mode, e.g. "reduce-overhead"
+        # (CUDA graphs: the small models' steps are bound by the host's launches, bench/RESULTS.md tenth run)
+        mode = os.environ.get("TUNESMITH_COMPILE_MODE") or None
+        _compiled = torch.compile(_body, dynamic=mode is None, mode=mode)
     offload._state.call = _guarded
 
 
