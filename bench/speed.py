@@ -97,6 +97,14 @@ def matmul_params(s: dict) -> int:
     return s["layers"] * (attn_params(s) + mlp) + s["vocab"] * s["hidden"]
 
 
+def env_switches(environ=None) -> dict:
+    """The switches set in the environment for this run (TUNESMITH_*, TS_BENCH_*, the CUDA allocator's): they change
+    what is measured and are not in the command line, so the JSON and the table record them."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in sorted(environ.items())
+            if k.startswith(("TUNESMITH_", "TS_BENCH_")) or k == "PYTORCH_CUDA_ALLOC_CONF"}
+
+
 def peak_bf16_flops(gpu: str | None) -> float | None:
     """Dense bf16 peak of the card, from its name (H100 SXM and H200: 989 TFLOP/s)."""
     n = (gpu or "").upper()
@@ -949,12 +957,14 @@ def main(argv: list[str] | None = None) -> int:
     json_path = out / f"{date}-{gpu_tag}.json"
     record = {"date": date, "gpu": gpu, "peak_bf16_flops": peak, "versions": info["versions"],
               "command": " ".join([Path(sys.executable).name, os.path.relpath(HERE, Path.cwd())] + sys.argv[1:]),
+              "env": env_switches(),
               "settings": {"warmup": a.warmup, "steps": a.steps, "r": a.r, "alpha": a.alpha, "lr": a.lr,
                            "seed": a.seed, "device": a.device, "mfu": "6*N*tok/s / peak, N = matmul weights"},
               "rows": []}
 
     def markdown() -> str:
-        return (f"# {date} · {gpu}\n\ncommand: `{record['command']}`\n\nversions: `{json.dumps(record['versions'])}`"
+        return (f"# {date} · {gpu}\n\ncommand: `{record['command']}`\n\nenv: `{json.dumps(record['env'])}`"
+                f"\n\nversions: `{json.dumps(record['versions'])}`"
                 f"\n\n{a.warmup} warm-up + {a.steps} timed steps; r={a.r}, alpha={a.alpha}; MFU = 6·N·tok/s / "
                 f"{(peak or 0) / 1e12:.0f} TFLOP/s (\"run\": the matmuls run, less the down projections' recompute "
                 f"where it was skipped)\n\n{fmt_table(record['rows'])}\n")
@@ -1098,8 +1108,10 @@ def run_parallel(a, rows: list[dict], argv: list[str]) -> int:
     merged["gpu"] = f"{merged['gpu']} x{len(procs)} (rows in parallel, one process per GPU)"
     tag = "".join(c if c.isalnum() else "-" for c in merged["gpu"].split(" (")[0]).strip("-")
     path = out / f"{merged['date']}-{tag}.json"
+    merged["env"] = env_switches()
     path.write_text(json.dumps(merged, indent=1))
     path.with_suffix(".md").write_text(f"# {merged['date']} · {merged['gpu']}\n\ncommand: `{merged['command']}`\n\n"
+                                       f"env: `{json.dumps(merged['env'])}`\n\n"
                                        f"versions: `{json.dumps(merged['versions'])}`\n\n{fmt_table(found)}\n")
     print(f"\nwrote {path}\n\n{fmt_table(found)}", flush=True)
     return 0

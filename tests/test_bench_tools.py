@@ -110,3 +110,17 @@ def test_profile_timeline_finds_the_idle_gaps_and_the_kernels_around_them():
     assert len(rows) == 2 and "after attn" in rows[0] and "before gemm" in rows[0] and "0.50 ms/step" in rows[0]
     assert "after silu" in rows[1] and "0.03 ms/step" in rows[1]
     assert speed._timeline([], 1).startswith("timeline: no kernel events")
+
+
+def test_bench_records_the_switches_set_in_the_environment():
+    """Switches that change what is measured (kept attention, compile mode, bench profiling) are not in the command
+    line: each result records them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speed", Path(__file__).parent.parent / "bench" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    env = {"TUNESMITH_KEEP_ATTENTION": "1", "TS_BENCH_STEPPEAKS": "1", "HOME": "/root", "PATH": "/bin",
+           "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert speed.env_switches(env) == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+                                       "TS_BENCH_STEPPEAKS": "1", "TUNESMITH_KEEP_ATTENTION": "1"}
