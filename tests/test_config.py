@@ -48,6 +48,21 @@ def test_cli_list_cfg_and_bad_override():
     assert r.returncode == 2 and "did you mean 'train.batch_size'" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("args, says", [
+    (["train", "x.yaml", "--resum", "auto"], "No such option: --resum"),
+    (["trian", "x.yaml"], "No such command 'trian'. Did you mean 'train'?"),
+    (["train"], "Missing argument 'config'"),
+    (["data", "check", "f.jsonl", "--max-length", "abc"], "Invalid value for '--max-length'"),
+    ([], "train"),  # no command: the help, listing the commands
+])
+def test_cli_usage_mistakes_get_a_message_not_a_traceback(args, says):
+    """Mistyped options and commands, missing arguments, bad values: click's message and exit status 2 (typer 0.2x
+    raises them from its own copy of click, which a plain `except click.ClickException` does not catch)."""
+    r = subprocess.run([sys.executable, "-m", "tunesmith", *args], capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and says in out and "Traceback" not in out, out
+
+
 def test_yaml_on_off_for_kernels(tmp_path):
     """YAML 1.1 reads a bare `off` as false: `train.kernels: off` must still mean the reference path."""
     from tunesmith.config import load_config

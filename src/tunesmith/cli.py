@@ -377,18 +377,30 @@ def main() -> None:
     except ImportError:
         pass
 
+    # typer >= 0.2x carries its own copy of click: its usage errors are not click's classes
+    exit_types, usage_types, abort_types = [click.exceptions.Exit, typer.Exit], [click.ClickException], \
+        [click.exceptions.Abort, typer.Abort, KeyboardInterrupt]
+    try:
+        from typer._click import exceptions as typer_click
+
+        usage_types.append(typer_click.ClickException)
+    except ImportError:
+        pass
     try:
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except UserError as e:
         err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
         sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
+    except tuple(exit_types) as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except tuple(usage_types) as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare command: its help, as click prints it standalone
+            err.print(e.format_message() if hasattr(e, "format_message") else str(e), highlight=False, markup=False)
+            sys.exit(2)
         e.show()
         sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except tuple(abort_types):
         err.print("interrupted")
         sys.exit(130)
 
