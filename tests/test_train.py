@@ -125,6 +125,31 @@ def test_merge_rejects_a_folder_that_is_not_an_adapter(tiny_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_an_adapter_for_another_base_gets_a_message_not_a_traceback(tiny_dir, smollm2_dir, tmp_path):
+    """Merging (or chatting with) an adapter onto a base of other shapes: one user error naming the base the adapter
+    was trained on, not peft's traceback with a line per mismatched tensor; nothing written."""
+    import subprocess
+    import sys
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny_llama
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    other = make_tiny_llama(tmp_path / "wider", smollm2_dir, hidden=64, intermediate=128)
+    for cmd in (["merge", str(other), str(adapter), str(tmp_path / "o")],
+                ["chat", str(other), "--adapter", str(adapter), "--prompt", "hi"]):
+        r = subprocess.run([sys.executable, "-m", "tunesmith", *cmd], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert "does not fit this base model" in r.stderr and f"trained on '{tiny_dir}'" in r.stderr, r.stderr
+        assert len(r.stderr.splitlines()) < 8, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_fp16_loss_scaling_path_trains_like_the_unscaled_one(tiny_dir, tmp_path, monkeypatch):
     """GPUs without bf16 train in fp16 with a GradScaler; its scale/unscale/step plumbing must not change the
     result (power-of-two scaling is exact in fp32, so the losses match the unscaled run)."""

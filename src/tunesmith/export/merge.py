@@ -24,8 +24,6 @@ def adapter_base(adapter: str | Path) -> str | None:
 def merge(base: str, adapter: str | Path, out: str | Path, dtype: str = "bf16", max_shard_size: str = "2GB",
           trust_remote_code: bool = False, layout: str = "llama", log=print) -> Path:
     """Load the base in full precision (also for QLoRA-trained adapters), apply the adapter, fold it in, save."""
-    from peft import PeftModel
-
     if dtype not in MERGE_DTYPES:
         raise UserError(f"--dtype {dtype}: use one of {', '.join(MERGE_DTYPES)}")
     out = Path(out)
@@ -37,7 +35,7 @@ def merge(base: str, adapter: str | Path, out: str | Path, dtype: str = "bf16", 
     # merge in fp32, then cast: LoRA deltas are small and would lose bits if added in bf16
     model = mload.load_model(path, method="lora", dtype=torch.float32, device=torch.device("cpu"),
                              trust_remote_code=trust_remote_code)
-    model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    model = mload.apply_adapter(model, str(adapter)).merge_and_unload()
     model.to(MERGE_DTYPES[dtype])
     model.config.use_cache = True
     if layout == "internlm2":

@@ -165,6 +165,35 @@ def add_lora(model, cfg, grad_checkpointing: bool, offload: bool = False):
     return peft_model
 
 
+def apply_adapter(model, adapter: str, **kw):
+    """`PeftModel.from_pretrained(model, adapter)`, with a user error (not peft's traceback, one line a mismatched
+    tensor) when the adapter does not fit this base: it names the base the adapter was trained on."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter, **kw)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise UserError(adapter_load_error(adapter, e)) from None
+
+
+def adapter_load_error(adapter: str, e: Exception) -> str:
+    """What to tell a user whose adapter does not load onto the base they gave."""
+    import json
+
+    try:
+        trained_on = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path")
+    except (OSError, ValueError):
+        trained_on = None
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if "size mismatch" in ln]
+    detail = f"{first[:300]}" if not lines else f"{len(lines)} tensors of other shapes, e.g. {lines[0][:300]}"
+    hint = (f"; it was trained on '{trained_on}' (adapter_config.json): give that base model"
+            if trained_on else "; give the base model it was trained on")
+    return f"the adapter '{adapter}' does not fit this base model ({detail}){hint}"
+
+
 def load_for_inference(model: str, adapter: str | None = None, *, device: str = "auto", dtype: str = "auto",
                        trust_remote_code: bool = False):
     """(model, tokenizer) ready for generation; an adapter dir is applied with peft (not merged)."""
@@ -175,10 +204,8 @@ def load_for_inference(model: str, adapter: str | None = None, *, device: str = 
     tok = load_tokenizer(tok_src, trust_remote_code)
     m = load_model(path, method="lora", dtype=dt, device=dev, trust_remote_code=trust_remote_code)
     if adapter:
-        from peft import PeftModel
-
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise UserError(f"'{adapter}' is not a PEFT adapter folder (no adapter_config.json)")
-        m = PeftModel.from_pretrained(m, adapter)
+        m = apply_adapter(m, adapter)
     m.eval()
     return m, tok

@@ -637,7 +637,9 @@ def attach_adapters(model, adapters: dict[str, str]):
             else:
                 peft_model.load_adapter(path, adapter_name=name)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise UserError(f"adapter '{name}' ({path}) does not load onto this base model: {e}") from None
+            from ..models.load import adapter_load_error
+
+            raise UserError(f"--adapter {name}: {adapter_load_error(path, e)}") from None
     peft_model.eval()
     return peft_model
 
