@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -113,6 +114,10 @@ def test_merge_matches_base_plus_adapter(tiny_dir, tmp_path):
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert (a - plain).abs().max() > 1e-3  # the adapter changed something
     assert not any(p.name.startswith(".") for p in (tmp_path).iterdir())
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # the weights too (safetensors writes them 0600)
 
 
 def test_merge_rejects_a_folder_that_is_not_an_adapter(tiny_dir, tmp_path):

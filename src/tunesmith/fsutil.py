@@ -10,6 +10,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def usual_modes(folder: str | os.PathLike) -> None:
+    """Give files written owner-only (safetensors writes its files 0600, as mkstemp does) the mode any other file
+    gets here (0666 less the umask), so a merged model or adapter can be read by the server's or a colleague's
+    user like its config files next to it."""
+    for f in Path(folder).rglob("*"):
+        if f.is_file() and not f.is_symlink() and f.stat().st_mode & 0o077 == 0:
+            os.chmod(f, 0o666 & ~_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh folder beside `final`; on success it replaces `final` in one rename, else it is removed.
@@ -26,6 +39,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    usual_modes(tmp)
     if final.exists():
         old = final.parent / f".{final.name}.old-{tag}"
         os.replace(final, old)
