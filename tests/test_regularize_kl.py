@@ -150,3 +150,19 @@ def test_kl_with_full_fine_tune_is_a_clear_error(tmp_path):
     assert not load_config(str(p)).use_kl()
     assert load_config(str(p), ["method=qlora"]).use_kl()
     assert not load_config(str(p), ["method=qlora", "data.regularize.kl=false"]).use_kl()
+
+
+def test_self_distillation_reports_its_progress(tiny_dir):
+    """The base model's answers to the general prompts take minutes on a CPU: the log says how far it got, batch by
+    batch, and every prompt gets its conversation."""
+    from tunesmith.data.regularize import regularization_prompts, self_distill
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    logs = []
+    total = len(regularization_prompts(["en"]))
+    convs = self_distill(model, tok, ["en"], n=total, max_new_tokens=2, log=logs.append)
+    steps = [x for x in logs if "answered" in x]
+    assert steps[0].startswith(f"self-distillation: 16/{total} answered") and len(steps) == (total - 1) // 16, logs
+    assert len(convs) <= total and all(c[-1]["role"] == "assistant" for c in convs)

@@ -59,8 +59,15 @@ def self_distill(model, tokenizer, langs: list[str], n: int, max_new_tokens: int
     prompts = regularization_prompts(langs)
     head = [{"role": "system", "content": system}] if system else []
     convs = [head + [{"role": "user", "content": q}] for q in prompts]
-    log(f"self-distillation: the base model answers {len(convs)} general prompts ...")
-    answers = greedy_batch(model, tokenizer, convs, max_new_tokens=max_new_tokens)
+    log(f"self-distillation: the base model answers {len(convs)} general prompts (data.regularize; once per work "
+        "dir) ...")
+    t0 = time.monotonic()
+
+    def progress(done, total):
+        if done < total:
+            log(f"self-distillation: {done}/{total} answered ({time.monotonic() - t0:.0f} s)")
+
+    answers = greedy_batch(model, tokenizer, convs, max_new_tokens=max_new_tokens, progress=progress)
     usable = [c + [{"role": "assistant", "content": a}] for c, a in zip(convs, answers) if a.strip()]
     if len(usable) < len(convs):
         log(f"self-distillation: {len(convs) - len(usable)} empty answers left out")

@@ -134,10 +134,11 @@ def chat_once(model, tokenizer, messages: list[dict], params: GenParams | None =
 
 @torch.inference_mode()
 def greedy_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 128,
-                 batch_size: int = 16) -> list[str]:
+                 batch_size: int = 16, progress=None) -> list[str]:
     """Greedy answers to many conversations at once (left-padded batches through `generate`), in order.
 
-    Used where throughput matters more than streaming: self-distillation data and evaluation.
+    Used where throughput matters more than streaming: self-distillation data and evaluation. `progress(done,
+    total)` is called after each batch.
     """
     end_ids = sorted(model_end_ids(model, tokenizer))
     dev = _device(model)
@@ -161,6 +162,8 @@ def greedy_batch(model, tokenizer, conversations: list[list[dict]], max_new_toke
             gen = out[r, width:].tolist()
             cut = next((k for k, t in enumerate(gen) if t in end_ids), len(gen))
             answers[i] = tokenizer.decode(gen[:cut], skip_special_tokens=True).strip()
+        if progress is not None:
+            progress(min(s + batch_size, len(order)), len(order))
     if was_training:
         model.train()
     return answers
