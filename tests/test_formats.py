@@ -60,6 +60,10 @@ def test_named_format_mismatch_names_field(tmp_path):
 
 @pytest.mark.parametrize("records,match", [
     ([{"foo": 1}], r"line 1: record fits no known format"),
+    ([{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": " "}]}],
+     r"field 'conversations\[1\].value': empty assistant turn"),
+    ([{"instruction": "a", "output": "b"}, {"instruction": "a", "input": "c"}],
+     r"line 2, field 'output': missing in an alpaca-format record"),
     ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
       {"messages": [{"role": "assistant", "content": "b"}]}], r"line 2, field 'messages\[0\].role': role 'assistant' out of place"),
     ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]}],

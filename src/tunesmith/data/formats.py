@@ -83,7 +83,7 @@ def detect_format(rec: object, fields: dict[str, str]) -> str | None:
         return "openai"
     if fields["conversations"] in rec:
         return "sharegpt"
-    if fields["instruction"] in rec and fields["output"] in rec:
+    if fields["instruction"] in rec:  # (without its output: said so where the record is read)
         return "alpaca"
     return None
 
@@ -154,8 +154,10 @@ def _from_alpaca(rec: dict, f: dict, path, where) -> list[dict]:
 CONVERTERS = {"openai": _from_openai, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca}
 
 
-def validate_messages(msgs: list[dict], path, where, field: str = "messages") -> None:
-    """Roles in order: optional system first, then user/assistant alternating, ending on a non-empty assistant."""
+def validate_messages(msgs: list[dict], path, where, field: str = "messages", role_key: str = "role",
+                      content_key: str = "content") -> None:
+    """Roles in order: optional system first, then user/assistant alternating, ending on a non-empty assistant.
+    Errors name the record's own keys (`field`, `role_key`, `content_key`: ShareGPT's conversations/from/value)."""
     if not msgs:
         raise DataError(path, where, field, "the conversation is empty")
     start = 0
@@ -169,10 +171,10 @@ def validate_messages(msgs: list[dict], path, where, field: str = "messages") ->
         expected = "user" if (i - start) % 2 == 0 else "assistant"
         if role != expected:
             what = "a system message is only allowed first" if role == "system" else f"expected '{expected}' here"
-            raise DataError(path, where, f"{field}[{i}].role", f"role '{role}' out of place: {what}",
+            raise DataError(path, where, f"{field}[{i}].{role_key}", f"role '{role}' out of place: {what}",
                             "turns must go (system), user, assistant, user, assistant, ...")
         if not m["content"].strip():
-            raise DataError(path, where, f"{field}[{i}].content", f"empty {role} turn")
+            raise DataError(path, where, f"{field}[{i}].{content_key}", f"empty {role} turn")
     if body[-1]["role"] != "assistant":
         raise DataError(path, where, f"{field}[{len(msgs) - 1}]", "the conversation ends without an assistant answer")
 
@@ -204,7 +206,12 @@ def load_dataset(path: str | Path, format: str = "auto", fields: dict[str, str] 
             raise DataError(path, where, f["output"], "missing in an alpaca-format record")
         detected = detected or fmt
         msgs = CONVERTERS[fmt](rec, f, path, where)
-        validate_messages(msgs, path, where)
+        if fmt == "sharegpt":  # one message a turn: errors name the turn as the file has it
+            validate_messages(msgs, path, where, f["conversations"], f["from"], f["value"])
+        elif fmt == "openai":
+            validate_messages(msgs, path, where, f["messages"], f["role"], f["content"])
+        else:
+            validate_messages(msgs, path, where)
         records.append({"messages": msgs})
     if not records:
         raise DataError(path, None, None, "no records in the file")
