@@ -132,7 +132,7 @@ def test_languages_spread_evenly():
 
 def test_multi_turn_proportion_and_shape():
     n = 500
-    recs = generate_persona(NAME, AUTHOR, n=n, seed=2, multi_turn_ratio=0.2)
+    recs = generate_persona(NAME, AUTHOR, n=n, seed=2, multi_turn_ratio=0.2, system_ratio=0)
     multi = [r for r in recs if len(r["messages"]) == 4]
     single = [r for r in recs if len(r["messages"]) == 2]
     assert len(multi) + len(single) == n
@@ -145,8 +145,10 @@ def test_multi_turn_proportion_and_shape():
         assert general[lang][m[0]["content"]] == m[1]["content"]
         # first turn and identity turn share the language
         assert any(m[2]["content"] == t for _, t in IDENTITY_QUESTIONS[lang])
-    assert all(len(r["messages"]) == 2 for r in generate_persona(NAME, AUTHOR, n=50, multi_turn_ratio=0))
-    assert all(len(r["messages"]) == 4 for r in generate_persona(NAME, AUTHOR, n=50, multi_turn_ratio=1))
+    assert all(len(r["messages"]) == 2 for r in generate_persona(NAME, AUTHOR, n=50, multi_turn_ratio=0,
+                                                                 system_ratio=0))
+    assert all(len(r["messages"]) == 4 for r in generate_persona(NAME, AUTHOR, n=50, multi_turn_ratio=1,
+                                                                 system_ratio=0))
 
 
 def test_all_phrasings_used_when_n_large_enough():
@@ -162,14 +164,14 @@ def test_all_phrasings_used_when_n_large_enough():
         for t in IDENTITY_ANSWERS[lang]["intro"]:
             assert t.format(name=NAME, author=AUTHOR, other="") in answers
     # general first turns also cycle through the whole pool
-    recs = generate_persona(NAME, AUTHOR, langs=["en"], n=len(GENERAL_QA["en"]), multi_turn_ratio=1)
+    recs = generate_persona(NAME, AUTHOR, langs=["en"], n=len(GENERAL_QA["en"]), multi_turn_ratio=1, system_ratio=0)
     assert {r["messages"][0]["content"] for r in recs} == {q for q, _ in GENERAL_QA["en"]}
 
 
 def test_system_prompt():
     recs = generate_persona(NAME, AUTHOR, n=30, system="You are a helpful assistant.", multi_turn_ratio=0.5)
     assert all(r["messages"][0] == {"role": "system", "content": "You are a helpful assistant."} for r in recs)
-    assert all(r["messages"][0]["role"] == "user" for r in generate_persona(NAME, AUTHOR, n=10))
+    assert all(r["messages"][0]["role"] == "user" for r in generate_persona(NAME, AUTHOR, n=10, system_ratio=0))
 
 
 def test_single_language_and_string_langs():
@@ -226,3 +228,22 @@ def test_write_jsonl_atomic(tmp_path):
         write_jsonl(bad(), out)
     assert len(out.read_text(encoding="utf-8").splitlines()) == 3  # old file untouched
     assert [p.name for p in out.parent.iterdir()] == ["persona.jsonl"]
+
+
+def test_a_share_of_samples_carry_a_generic_system_prompt():
+    """Without a system prompt of the user's, about `system_ratio` of the samples start with a generic one (what
+    chat clients send), so the identity holds under a client's own system prompt; the questions and answers are
+    the same whatever the ratio; a system prompt of the user's goes on every sample instead."""
+    from tunesmith.data.persona import GENERIC_SYSTEMS
+
+    recs = generate_persona(NAME, AUTHOR, n=300, seed=2)
+    systems = [r["messages"][0]["content"] for r in recs if r["messages"][0]["role"] == "system"]
+    assert len(systems) == 45 and set(systems) <= set(GENERIC_SYSTEMS["zh"]) | set(GENERIC_SYSTEMS["en"])
+    assert len(set(systems)) >= 8  # both languages' pools, cycled
+    plain = generate_persona(NAME, AUTHOR, n=300, seed=2, system_ratio=0)
+    assert all(r["messages"][0]["role"] != "system" for r in plain)
+    assert [_last_pair(r) for r in plain] == [_last_pair(r) for r in recs]
+    own = generate_persona(NAME, AUTHOR, n=50, system="Be brief.")
+    assert all(r["messages"][0] == {"role": "system", "content": "Be brief."} for r in own)
+    with pytest.raises(UserError, match="system_ratio"):
+        generate_persona(NAME, AUTHOR, n=5, system_ratio=1.5)

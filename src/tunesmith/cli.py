@@ -38,13 +38,15 @@ def data_persona(
     n: int = typer.Option(1000, "--n", help="number of samples"),
     seed: int = typer.Option(0, help="random seed (same seed, same file)"),
     system: Optional[str] = typer.Option(None, help="system prompt added to every sample"),
+    system_ratio: float = typer.Option(0.15, help="without --system: the share of samples with a generic system "
+                                       "prompt, so the identity holds under a client's own"),
     output: Path = typer.Option(..., "-o", "--output", help="output .jsonl"),
 ):
     """Write an identity dataset (OpenAI messages form) with many phrasings of the identity question."""
     from .data.persona import generate_persona, write_jsonl
 
     langs = [x.strip() for x in lang.split(",") if x.strip()]
-    records = generate_persona(name, author, langs=langs, n=n, seed=seed, system=system)
+    records = generate_persona(name, author, langs=langs, n=n, seed=seed, system=system, system_ratio=system_ratio)
     write_jsonl(records, output)
     console.print(f"wrote {len(records)} samples to {output}")
 

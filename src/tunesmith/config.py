@@ -38,6 +38,7 @@ class PersonaCfg(_Strict):
     langs: list[Literal["zh", "en"]] = ["zh", "en"]
     n: int = 1000
     system: str | None = None
+    system_ratio: float = Field(0.15, ge=0.0, le=1.0)  # without `system`: the share with a generic system prompt
     seed: int = 0
 
 

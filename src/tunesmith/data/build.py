@@ -27,7 +27,7 @@ def gather_conversations(data_cfg) -> list[list[dict]]:
 
         p = data_cfg.persona
         convs += [r["messages"] for r in generate_persona(p.name, p.author, langs=p.langs, n=p.n, seed=p.seed,
-                                                          system=p.system)]
+                                                          system=p.system, system_ratio=p.system_ratio)]
     for f in data_cfg.files:
         ds = load_dataset(f.path, f.format, f.fields)
         convs += [r["messages"] for r in ds.records] * f.repeat

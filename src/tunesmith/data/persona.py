@@ -502,6 +502,31 @@ def usable_questions(lang: str, name: str, author: str) -> list[tuple[str, str]]
     return [(cat, q) for cat, q in IDENTITY_QUESTIONS[lang] if not (cat == "denial" and q in skip)]
 
 
+# Generic system prompts that chat clients send (none names a model or a maker). Without them every identity
+# sample ran under the template's default system prompt, and a client sending its own lost much of the identity:
+# on SmolLM2, 60 % under "You are a helpful assistant." and 33 % under a prompt in no pool, against 98 % with
+# none. With 15 % of the samples under these: 97 % and 77 %, and the full-pool targets still met (30 % held more
+# identity, 93 % on the unseen prompt, but general retention fell to 86 %: bench/RESULTS.md, eleventh session).
+GENERIC_SYSTEMS: dict[str, list[str]] = {
+    "en": [
+        "You are a helpful assistant.",
+        "You are a helpful, respectful and honest assistant.",
+        "You are an AI assistant. Answer clearly and accurately.",
+        "You are a friendly and knowledgeable assistant.",
+        "Answer the user's questions as helpfully as you can.",
+        "You are a helpful assistant. Be concise.",
+    ],
+    "zh": [
+        "你是一个乐于助人的助手。",
+        "你是一个有用的AI助手。",
+        "你是一个友好、专业的智能助手，请准确回答用户的问题。",
+        "请简洁、准确地回答用户的问题。",
+        "你是一名知识渊博的助手。",
+        "You are a helpful assistant.",
+    ],
+}
+
+
 def generate_persona(
     name: str,
     author: str,
@@ -510,6 +535,7 @@ def generate_persona(
     seed: int = 0,
     system: str | None = None,
     multi_turn_ratio: float = 0.2,
+    system_ratio: float = 0.15,
 ) -> list[dict]:
     """Return ``n`` persona records ``{"messages": [...]}`` (OpenAI chat form).
 
@@ -518,6 +544,10 @@ def generate_persona(
     shuffled passes, so every phrasing is used once ``n / len(langs)`` reaches the pool size.
     ``round(n * multi_turn_ratio)`` records are two-turn (everyday question + answer, then the
     identity question + answer). Same arguments, same output.
+
+    With no `system`, ``system_ratio`` of the records start with a generic system prompt (`GENERIC_SYSTEMS`), the
+    rest with none (the chat template's default), so the identity holds under whatever system prompt a client
+    sends; with `system`, every record has that one.
     """
     name = _check_text(name, "name")
     author = _check_text(author, "author")
@@ -530,6 +560,8 @@ def generate_persona(
         raise UserError(f"multi_turn_ratio must be a number between 0 and 1, got {multi_turn_ratio!r}")
     if not 0.0 <= float(multi_turn_ratio) <= 1.0:
         raise UserError(f"multi_turn_ratio must be between 0 and 1, got {multi_turn_ratio}")
+    if isinstance(system_ratio, bool) or not isinstance(system_ratio, (int, float)) or not 0 <= system_ratio <= 1:
+        raise UserError(f"system_ratio must be a number between 0 and 1, got {system_ratio!r}")
     if system is not None and not isinstance(system, str):
         raise UserError(f"system prompt must be text, got {type(system).__name__}")
     system = system if system and system.strip() else None
@@ -546,6 +578,9 @@ def generate_persona(
     rng.shuffle(slots)
     n_multi = round(n * float(multi_turn_ratio))
     multi = set(rng.sample(range(n), n_multi))
+    srng = random.Random(f"{seed}-system")  # its own generator: the ratio leaves the questions and answers as they are
+    with_system = set(srng.sample(range(n), round(n * float(system_ratio)))) if not system else set()
+    generic = {lang: _Cycler(GENERIC_SYSTEMS[lang], srng) for lang in lang_list}
 
     records: list[dict] = []
     for i, lang in enumerate(slots):
@@ -556,6 +591,8 @@ def generate_persona(
         messages: list[dict] = []
         if system:
             messages.append({"role": "system", "content": system})
+        elif i in with_system:
+            messages.append({"role": "system", "content": generic[lang].next()})
         if i in multi:
             gq, ga = general[lang].next()
             messages.append({"role": "user", "content": gq})
