@@ -12,15 +12,17 @@ from pathlib import Path
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() gives a new file here; mkstemp and safetensors give 0600
+DIR_MODE = 0o777 & ~_UMASK
 
 
 def usual_modes(folder: str | os.PathLike) -> None:
-    """Give files written owner-only (safetensors writes its files 0600, as mkstemp does) the mode any other file
-    gets here (0666 less the umask), so a merged model or adapter can be read by the server's or a colleague's
-    user like its config files next to it."""
+    """Give files written owner-only (safetensors writes its files 0600, as mkstemp does) the usual mode
+    (`FILE_MODE`), so a merged model or adapter can be read by the server's or a colleague's user like its config
+    files next to it."""
     for f in Path(folder).rglob("*"):
         if f.is_file() and not f.is_symlink() and f.stat().st_mode & 0o077 == 0:
-            os.chmod(f, 0o666 & ~_UMASK)
+            os.chmod(f, FILE_MODE)
 
 
 @contextlib.contextmanager

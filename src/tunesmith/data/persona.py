@@ -21,11 +21,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tunesmith.errors import UserError
+from tunesmith.fsutil import FILE_MODE
 
 SUPPORTED_LANGS: tuple[str, ...] = ("zh", "en")
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 CATEGORIES: tuple[str, ...] = ("identity", "name", "creator", "denial", "intro")
 
 # ---------------------------------------------------------------------------------------
@@ -616,7 +615,7 @@ def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> Path:
                 f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from tunesmith.errors import UserError
+from tunesmith.fsutil import DIR_MODE, FILE_MODE
 from tunesmith.models import gguf as _gguf
 
 Log = Callable[[str], None]
@@ -269,12 +270,10 @@ def _build_dir(name: str) -> Iterator[Path]:
 
 def _publish(built: Path, final: Path, scratch: Path) -> None:
     """Move the finished folder ``built`` to ``final``, replacing what was there."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(built, 0o777 & ~umask)
+    os.chmod(built, DIR_MODE)
     for p in built.iterdir():
         if p.is_file():
-            os.chmod(p, 0o666 & ~umask)
+            os.chmod(p, FILE_MODE)
     if final.exists():
         os.replace(final, scratch / "previous")  # removed with the scratch dir
     os.replace(built, final)
