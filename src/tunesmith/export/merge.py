@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,20 +13,13 @@ from ..models import load as mload
 MERGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def adapter_base(adapter: str | Path) -> str | None:
-    cfg = Path(adapter) / "adapter_config.json"
-    if not cfg.is_file():
-        raise UserError(f"'{adapter}' is not a PEFT adapter folder (no adapter_config.json)")
-    return json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")
-
-
 def merge(base: str, adapter: str | Path, out: str | Path, dtype: str = "bf16", max_shard_size: str = "2GB",
           trust_remote_code: bool = False, layout: str = "llama", log=print) -> Path:
     """Load the base in full precision (also for QLoRA-trained adapters), apply the adapter, fold it in, save."""
     if dtype not in MERGE_DTYPES:
         raise UserError(f"--dtype {dtype}: use one of {', '.join(MERGE_DTYPES)}")
     out = Path(out)
-    adapter_base(adapter)  # a clear error before any model is loaded
+    mload.adapter_base(adapter)  # a clear error before any model is loaded
     path = mload.resolve(base)
     log(f"merging {adapter} into {path} ({dtype})")
     tokenizer = mload.load_tokenizer(str(adapter) if (Path(adapter) / "tokenizer_config.json").is_file() else path,

@@ -176,14 +176,22 @@ def apply_adapter(model, adapter: str, **kw):
         raise UserError(adapter_load_error(adapter, e)) from None
 
 
-def adapter_load_error(adapter: str, e: Exception) -> str:
-    """What to tell a user whose adapter does not load onto the base they gave."""
+def adapter_base(adapter: str | Path) -> str | None:
+    """The base model an adapter folder says it was trained on (adapter_config.json); a user error if the folder
+    is not an adapter."""
     import json
 
+    cfg = Path(adapter) / "adapter_config.json"
+    if not cfg.is_file():
+        raise UserError(f"'{adapter}' is not a PEFT adapter folder (no adapter_config.json)")
+    return json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")
+
+
+def adapter_load_error(adapter: str, e: Exception) -> str:
+    """What to tell a user whose adapter does not load onto the base they gave."""
     try:
-        trained_on = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8")).get(
-            "base_model_name_or_path")
-    except (OSError, ValueError):
+        trained_on = adapter_base(adapter)
+    except (UserError, OSError, ValueError, AttributeError):
         trained_on = None
     text = str(e).strip()
     first = text.splitlines()[0] if text else type(e).__name__
@@ -204,8 +212,7 @@ def load_for_inference(model: str, adapter: str | None = None, *, device: str = 
     tok = load_tokenizer(tok_src, trust_remote_code)
     m = load_model(path, method="lora", dtype=dt, device=dev, trust_remote_code=trust_remote_code)
     if adapter:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise UserError(f"'{adapter}' is not a PEFT adapter folder (no adapter_config.json)")
+        adapter_base(adapter)  # a clear error if it is not an adapter folder
         m = apply_adapter(m, adapter)
     m.eval()
     return m, tok
