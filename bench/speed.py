@@ -586,6 +586,7 @@ def run_tunesmith(cmd: dict, emit, device) -> None:
                  sample_peak_gib=max((w for _, w in sample_peaks[1:-1]), default=None),
                  peak_gib=alloc, peak_reserved_gib=reserved, loss_first=res.losses[0], loss_last=res.losses[-1],
                  losses=res.losses, wall_s=time.perf_counter() - t_start,
+                 step_s=[round(b["time"] - a["time"], 4) for a, b in zip(recs[warm - 1:], recs[warm:])],
                  note=f"{len(rows)} packed rows, {sum(len(r.lengths) for r in rows[:need])} samples trained"
                  if wl == "varlen" else None)
         except Exception:
@@ -995,8 +996,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             mem = "" if rec["peak_gib"] is None else f", peak {rec['peak_gib']:.2f} GiB"
             mfu = "" if rec["mfu"] is None else f", MFU {100 * rec['mfu']:.1f}%"
+            st = sorted(rec.get("step_s") or [])
+            steps = f", step ms min/median/max {1e3 * st[0]:.0f}/{1e3 * st[len(st) // 2]:.0f}/{1e3 * st[-1]:.0f}" if st else ""
             log(f"  {stack:9s} {wl:6s} {rec['tok_s']:,.0f} tok/s{mem}{mfu}, "
-                f"loss {rec['loss_first']:.4f} -> {rec['loss_last']:.4f}")
+                f"loss {rec['loss_first']:.4f} -> {rec['loss_last']:.4f}{steps}")
 
     save()
     for row in rows:

@@ -319,6 +319,8 @@ def _full_recompute(model):
         if hasattr(m, lean.HOOK):
             getattr(m, lean.HOOK).remove()
             delattr(m, lean.HOOK)
+        if hasattr(m, lean.KEEP_OUT):
+            delattr(m, lean.KEEP_OUT)
 
 
 def test_kept_attention_only_from_hidden_size_3072(tiny_dir, monkeypatch):
@@ -406,6 +408,69 @@ def test_lean_recompute_skips_the_down_projection_with_equal_gradients(tiny_dir,
         _assert_same_loss_and_grads(l0, g0, l1, g1, 1e-6, rtol=1e-5, atol=1e-6)
     finally:
         compiled.disable()
+
+
+@pytest.mark.parametrize("compiled_layers", [False, True])
+def test_kept_attention_output_skips_the_attention_kernel_in_the_recompute(tiny_dir, compiled_layers, monkeypatch):
+    """With the attention's kernel output and log-sum-exp kept too (`TUNESMITH_KEEP_ATTENTION_OUTPUT=1`), the
+    recompute runs no attention kernel: an autograd node stands in whose backward pass is the kernel's (here the CPU
+    flash attention's). Loss and every gradient equal those of the same model recomputing the attention, eager and
+    compiled; the kernel runs once a layer a step (the forward pass), not twice. Grouped key/value heads (4 and 2)."""
+    monkeypatch.setenv("TUNESMITH_KEEP_ATTENTION", "1")
+    monkeypatch.setenv("TUNESMITH_KEEP_ATTENTION_OUTPUT", "1")
+    from tunesmith import kernels
+    from tunesmith.kernels import attention, compiled, lean
+
+    monkeypatch.setattr(attention._state, "allow_cpu", True)
+    cpu = torch.device("cpu")
+    ref = _ckpt_lora_model(tiny_dir, "lora", 0.0)
+    got = _ckpt_lora_model(tiny_dir, "lora", 0.0)
+    for m in (ref, got):
+        kernels.apply(m, device=cpu, method="lora", kernels="auto", compile_layers=compiled_layers)
+        assert attention.patch_varlen(m)
+    layers = got.config.num_hidden_layers
+    for m in ref.modules():  # the reference keeps the projections' values and recomputes the attention
+        if hasattr(m, lean.KEEP_OUT):
+            delattr(m, lean.KEEP_OUT)
+    assert lean.check_attention_output(ref, cpu) == 0
+    assert lean.check_attention_output(got, cpu) == layers
+    calls = []
+    fwd = lean._attn_fwd
+    monkeypatch.setattr(lean, "_attn_fwd", lambda *a: calls.append(1) or fwd(*a))
+    try:
+        ids = torch.randint(0, 1000, (2, 12))
+        l0, g0 = _ckpt_loss_and_grads(ref, ids)
+        assert not calls
+        for _ in range(2):  # twice: nothing left over from one step to the next
+            l1, g1 = _ckpt_loss_and_grads(got, ids)
+            _assert_same_loss_and_grads(l0, g0, l1, g1, 1e-6, rtol=1e-4, atol=1e-6)
+        assert compiled.active() == compiled_layers  # nothing fell back
+        if not compiled_layers:  # (compiled, the patched function was traced, not called)
+            assert len(calls) == 2 * layers
+    finally:
+        compiled.disable()
+
+
+def test_kept_attention_output_kernels_match_sdpa():
+    """The kernel pair behind the kept output (CPU here): the forward equals causal SDPA, the backward equals
+    autograd's through SDPA, with grouped key/value heads."""
+    from tunesmith.kernels import lean
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 10, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 10, 8, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 10, 8, generator=g, requires_grad=True)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, scale=0.3)
+    go = torch.randn(ref.shape, generator=g)
+    ref.backward(go)
+    with torch.no_grad():
+        out, lse = lean._attn_fwd(q, k, v, 0.3)
+        assert torch.allclose(out, ref, atol=1e-5)
+        o = out.transpose(1, 2).contiguous()  # kept as (batch, seq, heads, dim)
+        dq, dk, dv = lean._attn_bwd(go.transpose(1, 2).contiguous().transpose(1, 2), q, k, v, o.transpose(1, 2),
+                                    lse, 0.3)
+    for got, want in ((dq, q.grad), (dk, k.grad), (dv, v.grad)):
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("method,compiled_layers", [("full", False), ("full", True), ("lora", False),

@@ -454,8 +454,8 @@ def test_host_kept_embedding_and_head_cuda(tied):
 def test_kept_attention_cuda(compile_layers, monkeypatch):
     """The recompute reading the attention projections' outputs and the post-attention residual the forward pass
     kept (host copies on the side stream, prefetched with the layer input) instead of recomputing the attention's
-    products: loss and gradients as with the full recompute, eager and compiled, two steps (nothing left over from
-    one step to the next)."""
+    products, and also the attention kernel's output (cuDNN's): loss and gradients as with the full recompute, eager
+    and compiled, two steps (nothing left over from one step to the next)."""
     from tunesmith import kernels
     from tunesmith.kernels import compiled, lean
     from tunesmith.models.load import enable_checkpointing
@@ -465,13 +465,17 @@ def test_kept_attention_cuda(compile_layers, monkeypatch):
     pos = torch.arange(256, device="cuda").repeat(2, 1)
     res = []
     try:
-        for keep in ("0", "1"):
+        for keep, keep_out in (("0", "0"), ("1", "0"), ("1", "1")):
             monkeypatch.setenv("TUNESMITH_KEEP_ATTENTION", keep)
+            monkeypatch.setenv("TUNESMITH_KEEP_ATTENTION_OUTPUT", keep_out)
             m = _tiny_qwen("lora")
             enable_checkpointing(m, offload=True)
             kernels.apply(m, device=torch.device("cuda"), method="lora", kernels="auto", compile_layers=compile_layers)
             hooks = sum(hasattr(x, lean.HOOK) for x in m.modules())
             assert hooks == (0 if keep == "0" else 4 * m.config.num_hidden_layers)  # q, k, v, post-attention norm
+            # the attention's kernel output kept too: cuDNN's attention works here (else the probe unmarks it)
+            outs = sum(getattr(x, lean.KEEP_OUT, False) for x in m.modules())
+            assert outs == (m.config.num_hidden_layers if keep_out == "1" else 0)
             for _ in range(2):
                 m.zero_grad(set_to_none=True)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -482,10 +486,11 @@ def test_kept_attention_cuda(compile_layers, monkeypatch):
             compiled.disable()
     finally:
         compiled.disable()
-    (l0, g0), (l1, g1) = res
-    assert abs(float(l1) - float(l0)) / float(l0) < 1e-3
-    for k in g0:
-        assert _rel(g1[k], g0[k]) < 3e-2, k
+    (l0, g0) = res[0]
+    for l1, g1 in res[1:]:
+        assert abs(float(l1) - float(l0)) / float(l0) < 1e-3
+        for k in g0:
+            assert _rel(g1[k], g0[k]) < 3e-2, k
 
 
 @pytest.mark.parametrize("compile_layers", [False, True])
@@ -502,6 +507,7 @@ def test_a_training_step_never_waits_for_the_device_cuda(compile_layers, monkeyp
     from tunesmith.train.loss import causal_lm_loss_sum
 
     monkeypatch.setenv("TUNESMITH_KEEP_ATTENTION", "1")  # kept attention values too (the tiny model is under the size)
+    monkeypatch.setenv("TUNESMITH_KEEP_ATTENTION_OUTPUT", "1")  # and the attention kernel's output
     m = _tiny_qwen("lora")
     enable_checkpointing(m, offload=True)
     dev = torch.device("cuda")

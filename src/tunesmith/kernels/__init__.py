@@ -74,6 +74,10 @@ def apply(model, *, device: torch.device, method: str, kernels: str, compile_lay
 
         if patch_varlen(model):
             used.append("varlen-attn")
+            from .lean import check_attention_output
+
+            if check_attention_output(model, device):  # (its attention function is the one that keeps it)
+                used.append("kept-attention-output")
     if device.type == "cuda" or kernels == "on":
         from .fused import patch_fused
 

@@ -22,6 +22,8 @@ import inspect
 
 import torch
 
+from . import lean
+
 NAME = "tunesmith_varlen"
 
 
@@ -94,6 +96,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
         and (_state.scale_arg or scaling is None or abs(scaling - d ** -0.5) < 1e-6)
     )
     if not usable:
+        if (cu is None and causal and (attention_mask is None or attention_mask is _NO_MASK.get(query.device))
+                and kwargs.get("sliding_window") is None and kwargs.get("softcap") is None
+                and kwargs.get("s_aux") is None and lean.keeps_attention_output(module, query, key, dropout)):
+            return lean.kept_attention(query, key, value, scaling), None  # full rows, in a checkpointed layer
         if attention_mask is not None and attention_mask is _NO_MASK.get(query.device):
             attention_mask = None if cu is None else _block_causal(cu, b, s)  # built only where it is used
         return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

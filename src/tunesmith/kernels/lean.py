@@ -192,6 +192,135 @@ def _keep_attention(layer: nn.Module) -> int:
     if _mark(o, KEPT):
         setattr(norm, HOOK, norm.register_forward_pre_hook(_keep_hook))
         n += 1
+    if n == 4 and _keep_output_wanted():  # the kernel output too (see KEEP_OUT): checked on the device later
+        setattr(attn, KEEP_OUT, True)
+    return n
+
+
+# --- The attention itself skipped in the recompute (``TUNESMITH_KEEP_ATTENTION_OUTPUT``) ----------------------------
+# With the projections' values kept, what the recompute still runs of the attention half is the attention kernel's
+# forward pass (~0.3 ms a Qwen2.5-7B layer on an H200), whose output only feeds the output projection's LoRA term and
+# the attention's own backward pass. Keeping that output and its log-sum-exp too (tokens x hidden x 2 bytes and
+# tokens x heads x 4 a layer, in host memory beside the rest) lets the recompute put an autograd node in its place
+# (:class:`_KeptAttention`) whose backward pass is the attention kernel's own. Full rows only (packed rows keep the
+# variable-length kernel's recompute); causal, no dropout. The kernels: cuDNN's attention on CUDA (what PyTorch's SDPA
+# picks on Hopper), PyTorch's CPU flash attention on the CPU (tests).
+KEEP_OUT = "_tunesmith_keep_attention_output"  # set on an attention module whose kernel output is kept
+KEEP_OUTPUT_BY_DEFAULT = True  # with the projections' values (bench/RESULTS.md, twelfth run); the variable: 1 on, 0 off
+
+
+def _keep_output_wanted() -> bool:
+    env = os.environ.get("TUNESMITH_KEEP_ATTENTION_OUTPUT")
+    return env == "1" or (env != "0" and KEEP_OUTPUT_BY_DEFAULT)
+
+
+def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
+    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def _attn_fwd(q, k, v, scale):
+    """Causal attention over (batch, heads, seq, dim) tensors: (output, log-sum-exp)."""
+    if q.is_cuda:
+        r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
+        return r[0], r[1]
+    h = q.shape[1]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, _repeat_kv(k, h), _repeat_kv(v, h), 0.0, True,
+                                                                      scale=scale)
+
+
+def _attn_bwd(g, q, k, v, out, lse, scale):
+    """The gradients of :func:`_attn_fwd`'s inputs from its output's gradient `g` (same layout as `out`)."""
+    if q.is_cuda:
+        z = torch.empty((), dtype=torch.int64, device=q.device)  # dropout's RNG state: unused without dropout
+        s = q.shape[2]
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            g, q, k, v, out, lse, z, z, None, None, None, s, s, 0.0, True, scale=scale)
+    h, hk = q.shape[1], k.shape[1]
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        g, q, _repeat_kv(k, h), _repeat_kv(v, h), out, lse, 0.0, True, scale=scale)
+    if hk != h:  # the repeated heads' gradients summed back into their key/value head
+        dk, dv = (t.view(t.shape[0], hk, h // hk, *t.shape[2:]).sum(2) for t in (dk, dv))
+    return dq, dk, dv
+
+
+class _KeptAttention(torch.autograd.Function):
+    """The kept attention output (batch, seq, heads, dim) in place of the recomputed one; its backward pass is the
+    kernel's, from the recomputed query/key/value and the kept output and log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, out, lse, scale):
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, out, lse = ctx.saved_tensors
+        # (batch, heads, seq, dim) views of (batch, seq, heads, dim) memory, the gradient laid out as the output
+        dq, dk, dv = _attn_bwd(g.contiguous().transpose(1, 2), q, k, v, out.transpose(1, 2), lse, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def keeps_attention_output(module: nn.Module, query: torch.Tensor, key: torch.Tensor, dropout: float) -> bool:
+    """Called by tunesmith's attention function (:mod:`.attention`) for a full-row call (no sample boundaries, no
+    mask): whether this call runs :func:`kept_attention`."""
+    return (getattr(module, KEEP_OUT, False) and offload._state.in_layer and dropout == 0.0
+            and (query.dtype in (torch.bfloat16, torch.float16) or not query.is_cuda)
+            and key.shape[2] == query.shape[2] and query.shape[1] % key.shape[1] == 0)
+
+
+def kept_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale) -> torch.Tensor:
+    """Causal attention of a checkpointed layer call, (batch, seq, heads, dim) out: in the forward pass computed and
+    its output and log-sum-exp kept; in the recompute taken from what was kept (:class:`_KeptAttention`)."""
+    if not offload.replaying():
+        out, lse = _attn_fwd(query, key, value, scale)
+        out = out.transpose(1, 2)
+        offload.keep(out)
+        offload.keep(lse)
+        return out
+    b, h, s, d = query.shape
+    out = offload.take((b, s, h, d), query.dtype)
+    lse = offload.take(None, torch.float32)
+    return _KeptAttention.apply(query, key, value, out, lse, scale)
+
+
+def _attention_ops_work(device: torch.device, heads: int, kv_heads: int, dim: int, dtype) -> bool:
+    """The kernels above run here for these head counts (cuDNN may lack a head size or a GPU generation)."""
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(1, heads, 64, dim, device=device, dtype=dtype, generator=g)
+        k = torch.randn(1, kv_heads, 64, dim, device=device, dtype=dtype, generator=g)
+        out, lse = _attn_fwd(q, k, k, None)
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), _repeat_kv(k, heads).float(),
+                                                               _repeat_kv(k, heads).float(), is_causal=True)
+        o = out.transpose(1, 2).contiguous()
+        grads = _attn_bwd(o.transpose(1, 2), q, k, k, o.transpose(1, 2), lse, None)
+        ok = torch.allclose(out.float(), ref, atol=2e-2, rtol=2e-2) and all(bool(t.isfinite().all()) for t in grads)
+        return ok and grads[1].shape == k.shape
+    except Exception:  # noqa: BLE001 — no such kernel here: the attention is recomputed as before
+        return False
+
+
+def check_attention_output(model: nn.Module, device: torch.device) -> int:
+    """Keep the attention output only where the kernels work on `device` (one small probe per head layout); unmark
+    the rest. Returns how many attention modules keep it."""
+    works: dict = {}
+    n = 0
+    for m in model.modules():
+        if not getattr(m, KEEP_OUT, False):
+            continue
+        cfg = getattr(m, "config", None)
+        heads = getattr(cfg, "num_attention_heads", 0)
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        dim = getattr(m, "head_dim", None) or (getattr(cfg, "hidden_size", 0) // max(heads, 1))
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        key = (heads, kv, dim)
+        if key not in works:
+            works[key] = bool(heads) and _attention_ops_work(device, heads, kv, dim, dtype)
+        if works[key]:
+            n += 1
+        else:
+            delattr(m, KEEP_OUT)
     return n
 
 

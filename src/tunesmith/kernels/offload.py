@@ -13,6 +13,8 @@ the "host copy" is a plain copy).
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -109,8 +111,9 @@ class _State:
 HELD_LAYERS = 2  # how many layers' device tensors wait for their copies before the compute stream waits for them
 # The backward pass starts with the last layers, whose device tensors are still held: reading them saves copying
 # them back (~4 ms at the start of a 7B step, where nothing overlaps the copy). Written after the eleventh run's
-# device time: off until its CUDA test (test_offload_reuses_held_inputs_unless_changed_in_place_cuda) has run.
-REUSE_HELD = False
+# device time: off until its CUDA test (test_offload_reuses_held_inputs_unless_changed_in_place_cuda) has run;
+# TUNESMITH_REUSE_HELD=1 turns it on for A/B runs.
+REUSE_HELD = os.environ.get("TUNESMITH_REUSE_HELD") == "1"
 
 
 _state = _State()
@@ -149,10 +152,17 @@ def has_kept() -> bool:
 def kept(like: torch.Tensor) -> torch.Tensor:
     """In a recompute: the next value the forward pass kept (see :func:`keep`), which stands in for `like` (the
     recomputed tensor): a value of another shape or dtype means the recompute reads them out of order."""
+    return take(like.shape, like.dtype)
+
+
+def take(shape, dtype) -> torch.Tensor:
+    """In a recompute: the next kept value, which must have `dtype` and (unless None) `shape`."""
+    if not _state.kept:
+        raise KeptValueError("tunesmith: a recomputed layer read more kept values than its forward pass kept")
     t = _state.kept.pop(0)
-    if t.shape != like.shape or t.dtype != like.dtype:
+    if (shape is not None and tuple(t.shape) != tuple(shape)) or t.dtype != dtype:
         raise KeptValueError(f"tunesmith: a recomputed layer read a kept value of shape {tuple(t.shape)} "
-                             f"{t.dtype} for one of {tuple(like.shape)} {like.dtype}")
+                             f"{t.dtype} for one of {tuple(shape) if shape is not None else '(any)'} {dtype}")
     return t
 
 
