@@ -878,6 +878,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf-site", default=None, help="put on PYTHONPATH for the tunesmith and HF workers (bitsandbytes, pydantic)")
     ap.add_argument("--budget-s", type=float, default=450, help="start no row after this many seconds")
     ap.add_argument("--row-timeout", type=float, default=180, help="kill a worker stuck on one row this long")
+    ap.add_argument("--fresh-workers", action="store_true",
+                    help="each row in new worker processes, nothing left from earlier rows (twelfth run: 7B QLoRA "
+                         "after 7B LoRA in one tunesmith process ran ~6%% slower a step, with one 1.1 s stall)")
     ap.add_argument("--ready-timeout", type=float, default=240)
     ap.add_argument("--parallel-gpus", default=None,
                     help="comma list of GPU indices: rows spread over them, one speed.py per GPU at once, one merged "
@@ -1032,6 +1035,9 @@ def main(argv: list[str] | None = None) -> int:
                     add(row, st, msg["workload"], msg)
                     continue
                 if isinstance(msg, dict) and msg.get("op") == "row_done":
+                    if a.fresh_workers:  # the next row gets a new process (see --fresh-workers)
+                        w.quit()
+                        workers[st] = None
                     break
                 why = (f"timeout: no answer within --row-timeout {a.row_timeout:.0f}s" if msg == "timeout"
                        else f"worker died (exit {w.proc.poll()})")
