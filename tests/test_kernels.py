@@ -427,13 +427,16 @@ def test_kept_attention_output_skips_the_attention_kernel_in_the_recompute(tiny_
     got = _ckpt_lora_model(tiny_dir, "lora", 0.0)
     for m in (ref, got):
         kernels.apply(m, device=cpu, method="lora", kernels="auto", compile_layers=compiled_layers)
+        # on the CPU `apply` leaves SDPA in place, so it unmarked the attention output: the test installs tunesmith's
+        # attention function (with a CPU stand-in allowed) and marks it again where the projections' values are kept
+        assert not any(hasattr(x, lean.KEEP_OUT) for x in m.modules())
         assert attention.patch_varlen(m)
     layers = got.config.num_hidden_layers
-    for m in ref.modules():  # the reference keeps the projections' values and recomputes the attention
-        if hasattr(m, lean.KEEP_OUT):
-            delattr(m, lean.KEEP_OUT)
-    assert lean.check_attention_output(ref, cpu) == 0
-    assert lean.check_attention_output(got, cpu) == layers
+    for n, m in got.named_modules():
+        if n.endswith("self_attn"):
+            setattr(m, lean.KEEP_OUT, True)
+    assert lean.check_attention_output(ref, cpu) == 0  # the reference keeps the projections' values only
+    assert lean.check_attention_output(got, cpu) == layers  # the probe: the CPU kernels match SDPA
     calls = []
     fwd = lean._attn_fwd
     monkeypatch.setattr(lean, "_attn_fwd", lambda *a: calls.append(1) or fwd(*a))
@@ -449,6 +452,31 @@ def test_kept_attention_output_skips_the_attention_kernel_in_the_recompute(tiny_
             assert len(calls) == 2 * layers
     finally:
         compiled.disable()
+
+
+def test_kept_attention_output_probe_unmarks_where_the_kernels_are_wrong_or_unused(tiny_dir, monkeypatch):
+    """The set-up probe compares the kernel pair's output and gradients with SDPA's: a backward that is wrong (here:
+    zeros) unmarks every attention module, as does a model on SDPA rather than tunesmith's attention function."""
+    from tunesmith.kernels import lean
+
+    def marked_model():
+        m = _ckpt_lora_model(tiny_dir, "lora", 0.0)
+        for n, x in m.named_modules():
+            if n.endswith("self_attn"):
+                setattr(x, lean.KEEP_OUT, True)
+        return m
+
+    cpu = torch.device("cpu")
+    layers = 2
+    assert lean.check_attention_output(marked_model(), cpu) == layers
+    m = marked_model()
+    assert lean.check_attention_output(m, cpu, usable=False) == 0
+    assert not any(hasattr(x, lean.KEEP_OUT) for x in m.modules())
+    bwd = lean._attn_bwd
+    monkeypatch.setattr(lean, "_attn_bwd", lambda *a: tuple(torch.zeros_like(t) for t in bwd(*a)))
+    m = marked_model()
+    assert lean.check_attention_output(m, cpu) == 0
+    assert not any(hasattr(x, lean.KEEP_OUT) for x in m.modules())
 
 
 def test_kept_attention_output_kernels_match_sdpa():

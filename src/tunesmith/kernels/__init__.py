@@ -69,15 +69,18 @@ def apply(model, *, device: torch.device, method: str, kernels: str, compile_lay
     if compile_layers:
         compiled.enable()
         used.append("compiled-layers")
+    patched = False
     if device.type == "cuda":
         from .attention import patch_varlen
 
-        if patch_varlen(model):
+        patched = patch_varlen(model)
+        if patched:
             used.append("varlen-attn")
-            from .lean import check_attention_output
+    from .lean import check_attention_output
 
-            if check_attention_output(model, device):  # (its attention function is the one that keeps it)
-                used.append("kept-attention-output")
+    # the kept attention output needs tunesmith's attention function (the one that keeps it) and working kernels
+    if check_attention_output(model, device, usable=patched):
+        used.append("kept-attention-output")
     if device.type == "cuda" or kernels == "on":
         from .fused import patch_fused
 

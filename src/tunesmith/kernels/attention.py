@@ -87,20 +87,20 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
     causal = kwargs.get("is_causal")
     if causal is None:
         causal = getattr(module, "is_causal", True)
+    # plain causal self-attention: what both fast paths below cover
+    plain = (causal and dropout == 0.0 and kwargs.get("sliding_window") is None and kwargs.get("softcap") is None
+             and kwargs.get("s_aux") is None and key.shape[2] == s and hq % key.shape[1] == 0)
     usable = (
-        cu is not None and _state.op is not None and (query.is_cuda or _state.allow_cpu) and causal
-        and (query.dtype in (torch.float16, torch.bfloat16) or _state.allow_cpu)
-        and dropout == 0.0 and d % 8 == 0 and d <= 256
-        and kwargs.get("sliding_window") is None and kwargs.get("softcap") is None and kwargs.get("s_aux") is None
-        and key.shape[2] == s and hq % key.shape[1] == 0
+        plain and cu is not None and _state.op is not None and (query.is_cuda or _state.allow_cpu)
+        and (query.dtype in (torch.float16, torch.bfloat16) or _state.allow_cpu) and d % 8 == 0 and d <= 256
         and (_state.scale_arg or scaling is None or abs(scaling - d ** -0.5) < 1e-6)
     )
     if not usable:
-        if (cu is None and causal and (attention_mask is None or attention_mask is _NO_MASK.get(query.device))
-                and kwargs.get("sliding_window") is None and kwargs.get("softcap") is None
-                and kwargs.get("s_aux") is None and lean.keeps_attention_output(module, query, key, dropout)):
+        stand_in = attention_mask is not None and attention_mask is _NO_MASK.get(query.device)
+        if (plain and cu is None and (attention_mask is None or stand_in)
+                and lean.keeps_attention_output(module, query, key, value)):
             return lean.kept_attention(query, key, value, scaling), None  # full rows, in a checkpointed layer
-        if attention_mask is not None and attention_mask is _NO_MASK.get(query.device):
+        if stand_in:
             attention_mask = None if cu is None else _block_causal(cu, b, s)  # built only where it is used
         return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     hk = key.shape[1]

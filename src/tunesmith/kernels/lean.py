@@ -205,7 +205,10 @@ def _keep_attention(layer: nn.Module) -> int:
 # tokens x heads x 4 a layer, in host memory beside the rest) lets the recompute put an autograd node in its place
 # (:class:`_KeptAttention`) whose backward pass is the attention kernel's own. Full rows only (packed rows keep the
 # variable-length kernel's recompute); causal, no dropout. The kernels: cuDNN's attention on CUDA (what PyTorch's SDPA
-# picks on Hopper), PyTorch's CPU flash attention on the CPU (tests).
+# picks on Hopper), PyTorch's CPU flash attention on the CPU (tests). Called directly, so SDPA's own checks are
+# repeated here: no cuDNN where it is turned off or deterministic algorithms are asked for, and with a cuDNN up to 9.15
+# only for query lengths that are multiples of 128 (shorter tails read out of bounds there); a probe at set-up
+# compares the pair's output and gradients with SDPA's for each head layout, inputs laid out as in training.
 KEEP_OUT = "_tunesmith_keep_attention_output"  # set on an attention module whose kernel output is kept
 KEEP_OUTPUT_BY_DEFAULT = True  # with the projections' values (bench/RESULTS.md, twelfth run); the variable: 1 on, 0 off
 
@@ -215,8 +218,17 @@ def _keep_output_wanted() -> bool:
     return env == "1" or (env != "0" and KEEP_OUTPUT_BY_DEFAULT)
 
 
+class _KeepOutState:
+    cudnn_any_length = False  # cuDNN newer than 9.15: any query length (older ones read out of bounds unless % 128)
+
+
+_keep_out = _KeepOutState()
+
+
 def _repeat_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
-    return t if t.shape[1] == heads else t.repeat_interleave(heads // t.shape[1], dim=1)
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    return repeat_kv(t, heads // t.shape[1])
 
 
 def _attn_fwd(q, k, v, scale):
@@ -229,13 +241,20 @@ def _attn_fwd(q, k, v, scale):
                                                                       scale=scale)
 
 
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`t` in `ref`'s memory layout (a copy only where they differ). cuDNN caches its backward graph by the query,
+    key and value's sizes and strides alone, so the output and its gradient must come laid out as the query, as in
+    PyTorch's own cuDNN attention."""
+    return t if t.stride() == ref.stride() else torch.empty_like(ref).copy_(t)
+
+
 def _attn_bwd(g, q, k, v, out, lse, scale):
-    """The gradients of :func:`_attn_fwd`'s inputs from its output's gradient `g` (same layout as `out`)."""
+    """The gradients of :func:`_attn_fwd`'s inputs from its output's gradient `g`."""
     if q.is_cuda:
         z = torch.empty((), dtype=torch.int64, device=q.device)  # dropout's RNG state: unused without dropout
         s = q.shape[2]
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            g, q, k, v, out, lse, z, z, None, None, None, s, s, 0.0, True, scale=scale)
+            _like(g, q), q, k, v, _like(out, q), lse, z, z, None, None, None, s, s, 0.0, True, scale=scale)
     h, hk = q.shape[1], k.shape[1]
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         g, q, _repeat_kv(k, h), _repeat_kv(v, h), out, lse, 0.0, True, scale=scale)
@@ -257,17 +276,20 @@ class _KeptAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         q, k, v, out, lse = ctx.saved_tensors
-        # (batch, heads, seq, dim) views of (batch, seq, heads, dim) memory, the gradient laid out as the output
-        dq, dk, dv = _attn_bwd(g.contiguous().transpose(1, 2), q, k, v, out.transpose(1, 2), lse, ctx.scale)
+        dq, dk, dv = _attn_bwd(g.transpose(1, 2), q, k, v, out.transpose(1, 2), lse, ctx.scale)
         return dq, dk, dv, None, None, None
 
 
-def keeps_attention_output(module: nn.Module, query: torch.Tensor, key: torch.Tensor, dropout: float) -> bool:
-    """Called by tunesmith's attention function (:mod:`.attention`) for a full-row call (no sample boundaries, no
-    mask): whether this call runs :func:`kept_attention`."""
-    return (getattr(module, KEEP_OUT, False) and offload._state.in_layer and dropout == 0.0
-            and (query.dtype in (torch.bfloat16, torch.float16) or not query.is_cuda)
-            and key.shape[2] == query.shape[2] and query.shape[1] % key.shape[1] == 0)
+def keeps_attention_output(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Called by tunesmith's attention function (:mod:`.attention`) for a plain causal full-row call (no sample
+    boundaries, no mask, no dropout): whether this call runs :func:`kept_attention`."""
+    if not (getattr(module, KEEP_OUT, False) and offload._state.in_layer and query.dtype == key.dtype == value.dtype):
+        return False
+    if query.device.type == "cpu":
+        return True
+    s = query.shape[2]
+    return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and s > 1
+            and (s % 128 == 0 or _keep_out.cudnn_any_length))
 
 
 def kept_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale) -> torch.Tensor:
@@ -285,26 +307,44 @@ def kept_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return _KeptAttention.apply(query, key, value, out, lse, scale)
 
 
-def _attention_ops_work(device: torch.device, heads: int, kv_heads: int, dim: int, dtype) -> bool:
-    """The kernels above run here for these head counts (cuDNN may lack a head size or a GPU generation)."""
+def _attention_ops_work(device: torch.device, heads: int, kv_heads: int, dim: int) -> bool:
+    """The kernels above run here for these head counts and give SDPA's output and gradients (fp32 autograd as the
+    reference), with inputs laid out as in training: (batch, seq, heads, dim) memory seen as (batch, heads, seq, dim),
+    value apart from key."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    s = 256 if device.type == "cuda" and not _keep_out.cudnn_any_length else 200
     try:
         g = torch.Generator(device=device).manual_seed(0)
-        q = torch.randn(1, heads, 64, dim, device=device, dtype=dtype, generator=g)
-        k = torch.randn(1, kv_heads, 64, dim, device=device, dtype=dtype, generator=g)
-        out, lse = _attn_fwd(q, k, k, None)
-        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), _repeat_kv(k, heads).float(),
-                                                               _repeat_kv(k, heads).float(), is_causal=True)
-        o = out.transpose(1, 2).contiguous()
-        grads = _attn_bwd(o.transpose(1, 2), q, k, k, o.transpose(1, 2), lse, None)
-        ok = torch.allclose(out.float(), ref, atol=2e-2, rtol=2e-2) and all(bool(t.isfinite().all()) for t in grads)
-        return ok and grads[1].shape == k.shape
+
+        def make(h):
+            return torch.randn(2, s, h, dim, device=device, dtype=dtype, generator=g).transpose(1, 2)
+
+        q, k, v, go = make(heads), make(kv_heads), make(kv_heads), make(heads)
+        ref_in = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            ref_in[0], _repeat_kv(ref_in[1], heads), _repeat_kv(ref_in[2], heads), is_causal=True)
+        ref.backward(go.float())
+        out, lse = _attn_fwd(q, k, v, None)
+        kept = out.transpose(1, 2).contiguous()  # as kept: (batch, seq, heads, dim)
+        got = _attn_bwd(go, q, k, v, kept.transpose(1, 2), lse, None)
+        tol = 2e-2 if dtype != torch.float32 else 1e-4  # relative to the reference's norm (bf16 gives ~4e-3)
+
+        def close(a, b):
+            return a.shape == b.shape and float((a.float() - b).norm()) <= tol * float(b.norm())
+
+        return close(out, ref.detach()) and all(close(a, b.grad) for a, b in zip(got, ref_in))
     except Exception:  # noqa: BLE001 — no such kernel here: the attention is recomputed as before
         return False
 
 
-def check_attention_output(model: nn.Module, device: torch.device) -> int:
-    """Keep the attention output only where the kernels work on `device` (one small probe per head layout); unmark
-    the rest. Returns how many attention modules keep it."""
+def check_attention_output(model: nn.Module, device: torch.device, usable: bool = True) -> int:
+    """Keep the attention output only where the kernels work on `device` (one probe per head layout) and tunesmith's
+    attention function runs (`usable`); unmark the rest. Returns how many attention modules keep it."""
+    if device.type == "cuda":
+        cudnn = torch.backends.cudnn.version() or 0
+        _keep_out.cudnn_any_length = cudnn > 91500
+        # as SDPA would: cuDNN attention turned off, or deterministic algorithms asked for, means no cuDNN here
+        usable = usable and torch.backends.cuda.cudnn_sdp_enabled() and not torch.are_deterministic_algorithms_enabled()
     works: dict = {}
     n = 0
     for m in model.modules():
@@ -313,12 +353,12 @@ def check_attention_output(model: nn.Module, device: torch.device) -> int:
         cfg = getattr(m, "config", None)
         heads = getattr(cfg, "num_attention_heads", 0)
         kv = getattr(cfg, "num_key_value_heads", None) or heads
-        dim = getattr(m, "head_dim", None) or (getattr(cfg, "hidden_size", 0) // max(heads, 1))
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        q_out = getattr(getattr(m, "q_proj", None), "out_features", 0)
+        dim = getattr(m, "head_dim", None) or (q_out // heads if heads else 0)
         key = (heads, kv, dim)
-        if key not in works:
-            works[key] = bool(heads) and _attention_ops_work(device, heads, kv, dim, dtype)
-        if works[key]:
+        if usable and key not in works:
+            works[key] = bool(heads and dim) and _attention_ops_work(device, heads, kv, dim)
+        if usable and works[key]:
             n += 1
         else:
             delattr(m, KEEP_OUT)

@@ -11,6 +11,7 @@ no-op for one process.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -168,6 +169,19 @@ def sample_chats(model, tokenizer, inputs: list[str], system: str | None, max_ne
     if was_training:
         model.train()
     return answers
+
+
+def _freeze_gc() -> bool:
+    """Move every object alive after the first step (the model, the compiled layers' graphs and caches: ~700k objects
+    for a tiny model) out of the garbage collector's reach until training ends (``gc.freeze``). Python's full
+    collections otherwise walk them all every few steps: 0.2-0.4 s each on this repository's CPU, a pause in which the
+    host queues no GPU work. Later collections scan only what training creates. ``TUNESMITH_GC_FREEZE=0`` leaves the
+    collector as it is. Returns whether it froze (the caller unfreezes)."""
+    if os.environ.get("TUNESMITH_GC_FREEZE") == "0":
+        return False
+    gc.collect()
+    gc.freeze()
+    return True
 
 
 def train(cfg: Config, resume: str | None = None, log=print, extra_conversations: list[list[dict]] | None = None
@@ -355,58 +369,65 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
                     tokens=p.tokens, seconds=now - t_last)
         t_last = now
 
-    for step in range(start_step, total_steps):
-        # the whole global step's rows, known to every rank; each rank trains on its share of the micro-batches
-        idx = row_stream(len(rows), tc.seed, step * per_step_rows, per_step_rows)
-        micro = [collate([rows[i] for i in idx[j:j + tc.batch_size]], pad_id, coarse=device.type == "cuda")
-                 for j in range(0, len(idx), tc.batch_size)]
-        n_tok_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        tokens_since += sum(len(rows[i].input_ids) for i in idx)  # real tokens, padding not counted
-        # this rank's micro-batches start for the device (pinned memory, no wait) while it finishes the last step
-        staged = [(to_device(b, device), b["input_ids"]) for b in distributed.share(dist, micro)]
-        if hostw is not None:
-            hostw.prepare(staged[0][1], staged[0][0]["input_ids"])  # the first one's embedding rows, from the host
-        flush()
-        distributed.step_seed(dist, tc.seed, step)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        if phases:
-            phases.mark("data")
-        for k, (b, ids_host) in enumerate(staged):
-            if hostw is not None and k:
-                hostw.prepare(ids_host, b["input_ids"])
-            with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
-                s, _ = root(causal_lm_loss_sum, b, None, "linear-ce" in fast)
-            scaler.scale(s / max(1, n_tok_step)).backward()  # FSDP sums (not averages) these over ranks
+    gc_frozen = False
+    try:
+        for step in range(start_step, total_steps):
+            # the whole global step's rows, known to every rank; each rank trains on its share of the micro-batches
+            idx = row_stream(len(rows), tc.seed, step * per_step_rows, per_step_rows)
+            micro = [collate([rows[i] for i in idx[j:j + tc.batch_size]], pad_id, coarse=device.type == "cuda")
+                     for j in range(0, len(idx), tc.batch_size)]
+            n_tok_step = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            tokens_since += sum(len(rows[i].input_ids) for i in idx)  # real tokens, padding not counted
+            # this rank's micro-batches start for the device (pinned memory, no wait) while it finishes the last step
+            staged = [(to_device(b, device), b["input_ids"]) for b in distributed.share(dist, micro)]
             if hostw is not None:
-                hostw.release_head()  # where the loss could not (a KL batch, the unfused loss)
-            loss_sum += s.detach().float()
-        if phases:
-            phases.mark("compute")
-        loss_sum = distributed.all_sum(dist, loss_sum)
-        if phases:
-            phases.mark("wait")  # the slowest rank's compute, seen by the others
-        distributed.sync_grads(dist, params)  # data parallel: sum the ranks' gradients (FSDP did it in backward)
-        if phases:
-            phases.mark("grad-sync")
-        scaler.unscale_(optimizer)  # fp16 only: true gradients before clipping (a no-op otherwise)
-        gnorm = distributed.clip_grad_norm(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else None
-        scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
-        scaler.update()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        pending = _StepStats(step + 1, loss_sum, gnorm, n_tok_step, tokens_since, lr)
-        tokens_since = 0
-        if phases:
-            phases.mark("optimizer")
-            phases.flush(step + 1)
-        done = step + 1
-        if tc.sample_steps and done % tc.sample_steps == 0 and done != total_steps:
+                hostw.prepare(staged[0][1], staged[0][0]["input_ids"])  # the first one's embedding rows, from the host
             flush()
-            do_samples(done)
-        if tc.save_steps and done % tc.save_steps == 0 and done != total_steps:
-            flush()
-            save(done)
+            distributed.step_seed(dist, tc.seed, step)
+            loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+            if phases:
+                phases.mark("data")
+            for k, (b, ids_host) in enumerate(staged):
+                if hostw is not None and k:
+                    hostw.prepare(ids_host, b["input_ids"])
+                with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32):
+                    s, _ = root(causal_lm_loss_sum, b, None, "linear-ce" in fast)
+                scaler.scale(s / max(1, n_tok_step)).backward()  # FSDP sums (not averages) these over ranks
+                if hostw is not None:
+                    hostw.release_head()  # where the loss could not (a KL batch, the unfused loss)
+                loss_sum += s.detach().float()
+            if phases:
+                phases.mark("compute")
+            loss_sum = distributed.all_sum(dist, loss_sum)
+            if phases:
+                phases.mark("wait")  # the slowest rank's compute, seen by the others
+            distributed.sync_grads(dist, params)  # data parallel: sum the ranks' gradients (FSDP did it in backward)
+            if phases:
+                phases.mark("grad-sync")
+            scaler.unscale_(optimizer)  # fp16 only: true gradients before clipping (a no-op otherwise)
+            gnorm = distributed.clip_grad_norm(params, tc.max_grad_norm) if tc.max_grad_norm > 0 else None
+            scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+            scaler.update()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            pending = _StepStats(step + 1, loss_sum, gnorm, n_tok_step, tokens_since, lr)
+            if step == start_step:
+                gc_frozen = _freeze_gc()  # while the device runs the first step (compiles done by now)
+            tokens_since = 0
+            if phases:
+                phases.mark("optimizer")
+                phases.flush(step + 1)
+            done = step + 1
+            if tc.sample_steps and done % tc.sample_steps == 0 and done != total_steps:
+                flush()
+                do_samples(done)
+            if tc.save_steps and done % tc.save_steps == 0 and done != total_steps:
+                flush()
+                save(done)
+    finally:
+        if gc_frozen:
+            gc.unfreeze()
     flush()
     final_state = save(total_steps)
     # the optimizer's moments are saved and no longer needed: freed before the last samples and the hand-back,
