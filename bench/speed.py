@@ -999,8 +999,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             mem = "" if rec["peak_gib"] is None else f", peak {rec['peak_gib']:.2f} GiB"
             mfu = "" if rec["mfu"] is None else f", MFU {100 * rec['mfu']:.1f}%"
-            st = sorted(rec.get("step_s") or [])
-            steps = f", step ms min/median/max {1e3 * st[0]:.0f}/{1e3 * st[len(st) // 2]:.0f}/{1e3 * st[-1]:.0f}" if st else ""
+            ts = sorted(rec.get("step_s") or [])
+            steps = f", step ms min/median/max {1e3 * ts[0]:.0f}/{1e3 * ts[len(ts) // 2]:.0f}/{1e3 * ts[-1]:.0f}" if ts else ""
             log(f"  {stack:9s} {wl:6s} {rec['tok_s']:,.0f} tok/s{mem}{mfu}, "
                 f"loss {rec['loss_first']:.4f} -> {rec['loss_last']:.4f}{steps}")
 

@@ -63,7 +63,7 @@ def apply(model, *, device: torch.device, method: str, kernels: str, compile_lay
 
         if patch_lora(model):
             used.append("lora")
-    from .lean import mark_unused_outputs
+    from .lean import check_attention_output, mark_unused_outputs
 
     mark_unused_outputs(model)  # acts only inside tunesmith's offloaded checkpoint recompute
     if compile_layers:
@@ -76,8 +76,6 @@ def apply(model, *, device: torch.device, method: str, kernels: str, compile_lay
         patched = patch_varlen(model)
         if patched:
             used.append("varlen-attn")
-    from .lean import check_attention_output
-
     # the kept attention output needs tunesmith's attention function (the one that keeps it) and working kernels
     if check_attention_output(model, device, usable=patched):
         used.append("kept-attention-output")

@@ -358,7 +358,7 @@ def check_attention_output(model: nn.Module, device: torch.device, usable: bool 
         key = (heads, kv, dim)
         if usable and key not in works:
             works[key] = bool(heads and dim) and _attention_ops_work(device, heads, kv, dim)
-        if usable and works[key]:
+        if works.get(key):
             n += 1
         else:
             delattr(m, KEEP_OUT)
