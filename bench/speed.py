@@ -86,6 +86,13 @@ def parse_row(spec: str) -> dict:
     return {"shape": shape, "method": method, "seq": seq, "batch": batch}
 
 
+def timed_steps(row: dict, steps: int, min_tokens: int) -> int:
+    """Timed steps for one row: `steps`, or more where the row's steps are too small to time `min_tokens` tokens.
+    The same for every stack of the row, so their losses stay comparable step for step."""
+    per_step = row["seq"] * row["batch"]
+    return max(steps, -(-min_tokens // per_step)) if min_tokens > 0 else steps
+
+
 def attn_params(s: dict) -> int:
     """One block's attention projection weights (query, key, value, output)."""
     return s["hidden"] * (s["hidden"] // s["heads"]) * (2 * s["heads"] + 2 * s["kv"])
@@ -876,6 +883,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unsloth-site", default=str(REPO / ".gpu" / "unsloth-site"),
                     help="put on PYTHONPATH for the Unsloth worker")
     ap.add_argument("--hf-site", default=None, help="put on PYTHONPATH for the tunesmith and HF workers (bitsandbytes, pydantic)")
+    ap.add_argument("--min-timed-tokens", type=int, default=0,
+                    help="time at least this many tokens a row (more timed steps where --steps gives fewer), for "
+                         "every stack alike. The small rows' 12 steps last ~2 s on an H200 and moved 20,095-31,146 "
+                         "tok/s between runs (thirteenth run); 250000 gives them 6-12 s")
     ap.add_argument("--budget-s", type=float, default=450, help="start no row after this many seconds")
     ap.add_argument("--row-timeout", type=float, default=180, help="kill a worker stuck on one row this long")
     ap.add_argument("--fresh-workers", action="store_true",
@@ -890,6 +901,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--warmup must be >= 1 (tunesmith's step times are differences of step end times)")
     t_begin = time.monotonic()
     rows = [parse_row(x) for x in (a.rows.split(",") if a.rows else TINY_ROWS if a.tiny else ROWS)]
+    for row in rows:
+        row["steps"] = timed_steps(row, a.steps, a.min_timed_tokens)
     if a.parallel_gpus:
         return run_parallel(a, rows, argv if argv is not None else sys.argv[1:])
     stacks = a.stacks.split(",") if a.stacks else [s for s in STACKS if not (a.device == "cpu" and s == "unsloth")]
@@ -962,14 +975,16 @@ def main(argv: list[str] | None = None) -> int:
     record = {"date": date, "gpu": gpu, "peak_bf16_flops": peak, "versions": info["versions"],
               "command": " ".join([Path(sys.executable).name, os.path.relpath(HERE, Path.cwd())] + sys.argv[1:]),
               "env": env_switches(),
-              "settings": {"warmup": a.warmup, "steps": a.steps, "r": a.r, "alpha": a.alpha, "lr": a.lr,
-                           "seed": a.seed, "device": a.device, "mfu": "6*N*tok/s / peak, N = matmul weights"},
+              "settings": {"warmup": a.warmup, "steps": a.steps, "min_timed_tokens": a.min_timed_tokens, "r": a.r,
+                           "alpha": a.alpha, "lr": a.lr, "seed": a.seed, "device": a.device, "mfu": "6*N*tok/s / peak, N = matmul weights"},
               "rows": []}
 
     def markdown() -> str:
         return (f"# {date} · {gpu}\n\ncommand: `{record['command']}`\n\nenv: `{json.dumps(record['env'])}`"
                 f"\n\nversions: `{json.dumps(record['versions'])}`"
-                f"\n\n{a.warmup} warm-up + {a.steps} timed steps; r={a.r}, alpha={a.alpha}; MFU = 6·N·tok/s / "
+                f"\n\n{a.warmup} warm-up + {a.steps} timed steps"
+                f"{f' (at least {a.min_timed_tokens:,} tokens a row)' if a.min_timed_tokens else ''}; "
+                f"r={a.r}, alpha={a.alpha}; MFU = 6·N·tok/s / "
                 f"{(peak or 0) / 1e12:.0f} TFLOP/s (\"run\": the matmuls run, less the down projections' recompute "
                 f"where it was skipped)\n\n{fmt_table(record['rows'])}\n")
 
@@ -981,7 +996,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def add(row: dict, stack: str, wl: str, res: dict) -> None:
         rec = {"workload": wl, "shape": row["shape"], "method": row["method"], "seq": row["seq"],
-               "batch": row["batch"], "stack": stack, "tok_s": None, "peak_gib": None, "peak_reserved_gib": None,
+               "batch": row["batch"], "steps": row["steps"], "stack": stack, "tok_s": None, "peak_gib": None,
+               "peak_reserved_gib": None,
                "mfu": None, "loss_first": None, "loss_last": None, "error": None}
         rec.update({k: v for k, v in res.items() if k != "op"})
         if rec["tok_s"] and peak:
@@ -1025,7 +1041,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             w = workers[st]
             w.send({"op": "row", **row, "folder": folders[row["shape"]], "workloads": workloads,
-                    "warmup": a.warmup, "steps": a.steps, "r": a.r, "alpha": a.alpha, "lr": a.lr, "seed": a.seed,
+                    "warmup": a.warmup, "r": a.r, "alpha": a.alpha, "lr": a.lr, "seed": a.seed,
                     "device": a.device, "scratch": str(scratch / "work")})
             done, deadline = set(), time.monotonic() + a.row_timeout
             while True:

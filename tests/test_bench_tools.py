@@ -124,3 +124,19 @@ def test_bench_records_the_switches_set_in_the_environment():
            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
     assert speed.env_switches(env) == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
                                        "TS_BENCH_STEPPEAKS": "1", "TUNESMITH_KEEP_ATTENTION": "1"}
+
+
+def test_bench_times_at_least_the_asked_tokens_a_row():
+    """--min-timed-tokens: rows whose --steps cover fewer tokens get more timed steps (rounded up), bigger rows
+    keep --steps, and 0 leaves every row at --steps."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speed", Path(__file__).parent.parent / "bench" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    small = speed.parse_row("qwen2.5-0.5b:qlora")  # 1024 x 4 = 4096 tokens a step
+    big = speed.parse_row("qwen2.5-7b:lora")  # 2048 x 4 = 8192
+    assert speed.timed_steps(small, 12, 250_000) == 62  # 61.04 rounded up
+    assert speed.timed_steps(big, 12, 250_000) == 31
+    assert speed.timed_steps(big, 40, 250_000) == 40
+    assert speed.timed_steps(small, 12, 0) == 12
