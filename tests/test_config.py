@@ -87,3 +87,53 @@ def test_cli_sets_the_cuda_allocator_default_unless_the_user_did(monkeypatch):
             cli.main()
         assert e.value.code == 0
         assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == want
+
+
+@pytest.mark.parametrize("override,key", [("lora.r=0", "lora.r"), ("train.batch_size=0", "train.batch_size"),
+                                          ("train.grad_accum=0", "train.grad_accum"), ("train.lr=-1", "train.lr"),
+                                          ("train.max_steps=-3", "train.max_steps"), ("lora.alpha=-5", "lora.alpha"),
+                                          ("lora.target_modules=[]", "lora.target_modules"),
+                                          ("train.epochs=0", "train.epochs"), ("data.max_length=4", "data.max_length")])
+def test_numbers_out_of_range_are_config_errors_from_the_command_line(override, key):
+    """A number no run can use is refused when the config is read (before any model loads), naming the key and the
+    command-line override it came from, not the built-in file's path inside the package."""
+    with pytest.raises(UserError) as e:
+        load_config("smollm2_135m_instruct_lora_persona", [override])
+    msg = str(e.value)
+    assert f"'{key}'" in msg and f"[from the command line: {override}]" in msg
+    assert msg.startswith("built-in config 'smollm2_135m_instruct_lora_persona': invalid config")
+
+
+def test_max_steps_none_zero_and_minus_one_train_by_epochs():
+    for v in ("null", "0", "-1"):
+        assert load_config("smollm2_135m_instruct_lora_persona", [f"train.max_steps={v}"]).train.max_steps is None
+    assert load_config("smollm2_135m_instruct_lora_persona", ["train.max_steps=5"]).train.max_steps == 5
+
+
+def test_a_typo_in_the_file_is_not_blamed_on_the_command_line(tmp_path):
+    out = copy_config("smollm2_135m_instruct_lora_persona", tmp_path)
+    out.write_text(out.read_text().replace("lr:", "lrr:", 1))
+    with pytest.raises(UserError) as e:
+        load_config(out, ["train.lr=1e-4"])
+    assert str(e.value).startswith(f"{out}: invalid config") and "unknown key 'train.lrr'" in str(e.value)
+    assert "command line" not in str(e.value)
+
+
+def test_copy_cfg_keeps_an_edited_copy_and_takes_a_file_name(tmp_path):
+    out = copy_config("smollm2_135m_instruct_lora_persona", tmp_path)
+    out.write_text(out.read_text() + "# my edit\n")
+    with pytest.raises(UserError, match="already exists.*--force"):
+        copy_config("smollm2_135m_instruct_lora_persona", tmp_path)
+    assert out.read_text().endswith("# my edit\n")
+    assert not copy_config("smollm2_135m_instruct_lora_persona", tmp_path, force=True).read_text().endswith("edit\n")
+    mine = copy_config("smollm2_135m_instruct_lora_persona", tmp_path / "sub" / "mine.yaml")
+    assert mine == tmp_path / "sub" / "mine.yaml" and mine.is_file() and load_config(mine).method == "lora"
+
+
+def test_error_text_with_square_brackets_is_printed_as_is(tmp_path):
+    """The CLI prints errors through rich: a path like set[train].jsonl must not lose its brackets as markup."""
+    bad = tmp_path / "set[train].jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')
+    r = subprocess.run([sys.executable, "-m", "tunesmith", "data", "check", str(bad), "-m", "x"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "set[train].jsonl, line 2" in r.stderr, r.stderr

@@ -75,3 +75,19 @@ def test_report_and_spec(tmp_path):
     p.write_text("name: X\nauthor: Y\nlangs: [fr]\n")
     with pytest.raises(UserError, match="unsupported"):
         load_persona_spec(p)
+
+
+def test_eval_md_keeps_quotes_readable_and_escapes_markup(tmp_path):
+    """eval.md is read as text too: apostrophes stay apostrophes; only <, > and & are escaped (no HTML injection)."""
+    from tunesmith.evaluate.persona import EVAL_IDENTITY_QUESTIONS, EVAL_GENERAL_PROMPTS, write_report
+
+    n_id, n_gen = len(EVAL_IDENTITY_QUESTIONS["en"]), len(EVAL_GENERAL_PROMPTS["en"])
+    r = {"identity_rate": 1.0, "leakage_rate": 0.0, "retention": None}
+    result = {"persona": {"name": "Nova", "author": "Acme", "langs": ["en"], "system": None},
+              "by_lang": {"en": dict(r)}, **r,
+              "answers": {"identity": {"en": ["I'm Nova, made by Acme <b>Labs</b>."] * n_id},
+                          "general": {"en": ["It's \"blue\" & green."] * n_gen}}}
+    _, md = write_report(result, tmp_path)
+    text = md.read_text(encoding="utf-8")
+    assert "I'm Nova, made by Acme &lt;b&gt;Labs&lt;/b&gt;." in text and "It's \"blue\" &amp; green." in text
+    assert "&#x27;" not in text and "&quot;" not in text

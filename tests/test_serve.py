@@ -214,6 +214,16 @@ def test_bad_request(client, body, status, param, code):
         assert err["error"]["code"] == code
 
 
+def test_a_body_sent_without_a_json_content_type_is_told_so(client):
+    """curl -d sends application/x-www-form-urlencoded: the body is never parsed, and the error says why."""
+    body = b'{"messages": [{"role": "user", "content": "hi"}]}'
+    r = client.post("/v1/chat/completions", content=body,
+                    headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and _is_error_shape(r.json())
+    assert "Content-Type: application/json" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "invalid_content_type"
+
+
 def test_body_too_large_and_unknown_route(client):
     r = client.post("/v1/chat/completions", content=b"{" + b" " * MAX_BODY + b"}",
                     headers={"Content-Type": "application/json"})

@@ -266,3 +266,22 @@ def test_training_freezes_the_garbage_collector_after_the_first_step(tiny_dir, t
     seen.clear()
     train(make_cfg(tiny_dir, tmp_path / "c", max_steps=3, save_steps=0), log=quiet)
     assert seen == [(False, before)]
+
+
+def test_a_run_that_fails_before_training_leaves_no_work_dir(tiny_dir, tmp_path):
+    """A missing model or a target-module typo stops the run before its work dir exists, so no folder that looks
+    like a run is left behind; the model is checked before any self-distillation is generated."""
+    from tunesmith.errors import UserError
+
+    work = tmp_path / "wd"
+    cfg = make_cfg(tiny_dir, work)
+    cfg.model.name = str(tmp_path / "nope")
+    with pytest.raises(UserError, match="no such file or directory"):
+        train(cfg, log=quiet)
+    assert not work.exists()
+    cfg = make_cfg(tiny_dir, work)
+    cfg.lora.target_modules = ["q_prj"]
+    cfg.data.regularize.ratio = 0.5  # would answer prompts with the base model first, before this change
+    with pytest.raises(UserError, match="'q_prj' match no module"):
+        train(cfg, log=quiet)
+    assert not work.exists()

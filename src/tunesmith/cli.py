@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import UserError
@@ -19,7 +20,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Make and inspect datasets.")
 model_app = typer.Typer(no_args_is_help=True, help="Fetch, list and import base models.")
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
-console = Console() if sys.stdout.isatty() else Console(width=160)  # logs and pipes: no 80-column cut
+# markup off: what is printed holds user paths and text, where "[...]" is not a style (markup is explicit below)
+console = Console(markup=False) if sys.stdout.isatty() else Console(width=160, markup=False)  # pipes: no 80-col cut
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -77,7 +79,7 @@ def data_check(
     t.add_row("trained tokens", f"{rep.trained_tokens} of {rep.total_tokens} "
               f"({100 * rep.trained_tokens / max(1, rep.total_tokens):.1f}%)")
     console.print(t)
-    console.print("[bold]first sample[/] (trained tokens in [green]«green»[/], the rest is context only):")
+    console.print("[bold]first sample[/] (trained tokens in [green]«green»[/], the rest is context only):", markup=True)
     from rich.text import Text
 
     text = Text()
@@ -102,11 +104,13 @@ def list_cfg(pattern: Optional[str] = typer.Option(None, "-p", "--pattern", help
 
 
 @app.command("copy-cfg")
-def copy_cfg(name: str = typer.Argument(...), dest: Path = typer.Argument(Path("."))):
+def copy_cfg(name: str = typer.Argument(...),
+             dest: Path = typer.Argument(Path("."), help="a folder (NAME_copy.yaml inside it) or a .yaml file"),
+             force: bool = typer.Option(False, "--force", help="overwrite an existing copy")):
     """Copy a built-in config into DEST to edit it."""
     from .config import copy_config
 
-    console.print(f"copied to {copy_config(name, dest)}")
+    console.print(f"copied to {copy_config(name, dest, force)}")
 
 
 # ----------------------------------------------------------------------------- train / run
@@ -392,7 +396,7 @@ def main() -> None:
         rc = app(standalone_mode=False)
         sys.exit(rc if isinstance(rc, int) else 0)
     except UserError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        err.print("[bold red]error:[/] " + escape(str(e)), highlight=False, markup=True)  # paths may hold [...]
         sys.exit(e.exit_code)
     except tuple(exit_types) as e:
         sys.exit(e.exit_code)

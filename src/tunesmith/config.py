@@ -26,17 +26,17 @@ class ModelCfg(_Strict):
 
 
 class LoraCfg(_Strict):
-    r: int = 64
-    alpha: int = 16
-    dropout: float = 0.1
-    target_modules: str | list[str] = "all-linear"
+    r: int = Field(64, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field("all-linear", min_length=1)
 
 
 class PersonaCfg(_Strict):
     name: str
     author: str
     langs: list[Literal["zh", "en"]] = ["zh", "en"]
-    n: int = 1000
+    n: int = Field(1000, ge=1)
     system: str | None = None
     system_ratio: float = Field(0.15, ge=0.0, le=1.0)  # without `system`: the share with a generic system prompt
     seed: int = 0
@@ -46,7 +46,7 @@ class DataFileCfg(_Strict):
     path: str
     format: Literal["auto", "openai", "alpaca", "sharegpt"] = "auto"
     fields: dict[str, str] = {}
-    repeat: int = 1
+    repeat: int = Field(1, ge=1)
 
 
 class RegularizeCfg(_Strict):
@@ -71,7 +71,7 @@ class DataCfg(_Strict):
     persona: PersonaCfg | None = None
     files: list[DataFileCfg] = []
     regularize: RegularizeCfg = RegularizeCfg()
-    max_length: int = 2048
+    max_length: int = Field(2048, ge=16)
     pack: bool = True
     truncation: Literal["truncate", "drop"] = "truncate"
 
@@ -83,14 +83,14 @@ class DataCfg(_Strict):
 
 
 class TrainCfg(_Strict):
-    epochs: float = 1.0
-    max_steps: int | None = None
-    batch_size: int = 1
-    grad_accum: int = 16
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = None  # None (or 0, or -1 as in transformers): as many steps as `epochs` take
+    batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(16, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, ge=0)  # 0: no clipping
     grad_checkpointing: bool = True
     # fast paths (fused linear+CE, one-function LoRA layers, compiled RMSNorm/SwiGLU/RoPE on CUDA); off = reference path
     kernels: Literal["auto", "on", "off"] = "auto"
@@ -108,13 +108,20 @@ class TrainCfg(_Strict):
     # parallel (false; 'auto': LoRA when the base fits, QLoRA always — its NF4 weights are never sharded)
     shard_frozen: Literal["auto"] | bool = "auto"
     seed: int = 42
-    save_steps: int = 500
-    save_total_limit: int = 2
-    sample_steps: int = 300
+    save_steps: int = Field(500, ge=0)  # 0: only the final save
+    save_total_limit: int = Field(2, ge=1)
+    sample_steps: int = Field(300, ge=0)  # 0: samples only before and after training
     evaluation_inputs: list[str] = []
     system: str | None = None
-    max_new_tokens: int = 64
+    max_new_tokens: int = Field(64, ge=1)
     device: str = "auto"
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v):
+        if v is not None and v < 0 and v != -1:
+            raise ValueError("must be a number of optimizer steps (>= 1), or null / -1 to train for train.epochs")
+        return None if v is not None and v <= 0 else v
 
     @field_validator("kernels", mode="before")
     @classmethod
@@ -126,8 +133,8 @@ class EvalCfg(_Strict):
     """`tunesmith run`: persona evaluation (identity / leakage / retention) before and after training."""
 
     enabled: bool = True
-    max_new_tokens: int = 64
-    limit: int | None = None  # prompts per pool and language (None: all)
+    max_new_tokens: int = Field(64, ge=1)
+    limit: int | None = Field(None, ge=1)  # prompts per pool and language (None: all)
 
 
 class Config(_Strict):
@@ -177,11 +184,13 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
 
 
-def _explain(err: ValidationError, source: str) -> str:
+def _explain(err: ValidationError, source: str, overrides: list[str] = ()) -> str:
     lines = [f"{source}: invalid config"]
+    set_by = {o.split("=", 1)[0].strip(): o for o in overrides if "=" in o}
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc)
+        line_no = len(lines)
         if e["type"] == "extra_forbidden":
             valid = _fields_at(loc)
             near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
@@ -194,6 +203,9 @@ def _explain(err: ValidationError, source: str) -> str:
             got = e.get("input")
             got = "" if isinstance(got, dict) else f" (got {got!r})"  # a whole section is no help to print
             lines.append(f"  {where}: {e['msg']}{got}")
+        given = [o for k, o in set_by.items() if key == k or key.startswith(k + ".")]
+        if given and len(lines) > line_no:  # the value came from the command line, not from the file
+            lines[-1] += f" [from the command line: {given[-1]}]"
     return "\n".join(lines)
 
 
@@ -229,7 +241,9 @@ def load_config(path_or_name: str | Path, overrides: list[str] | None = None) ->
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise UserError(_explain(e, str(path))) from None
+        builtin = builtin_configs().get(path.stem) == path
+        source = f"built-in config '{path.stem}'" if builtin else str(path)
+        raise UserError(_explain(e, source, overrides or [])) from None
 
 
 def dump_config(cfg: Config) -> str:
@@ -264,14 +278,19 @@ def list_configs(pattern: str | None = None) -> list[str]:
     return names
 
 
-def copy_config(name: str, dest_dir: str | Path) -> Path:
+def copy_config(name: str, dest: str | Path, force: bool = False) -> Path:
+    """Copy a built-in config to DEST: a folder (as NAME_copy.yaml inside it) or a .yaml/.yml file path. An existing
+    file is kept (it may hold the user's edits) unless `force`."""
     builtins = builtin_configs()
     if name not in builtins:
         near = difflib.get_close_matches(name, list(builtins), n=1, cutoff=0.4)
         hint = f" Did you mean '{near[0]}'?" if near else " See `tunesmith list-cfg`."
         raise UserError(f"no built-in config named '{name}'.{hint}")
-    dest = Path(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    out = dest / f"{name}_copy.yaml"
+    dest = Path(dest)
+    out = dest if dest.suffix.lower() in (".yaml", ".yml") and not dest.is_dir() else dest / f"{name}_copy.yaml"
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists (your edits may be in it): give another destination, or --force to "
+                        f"overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(builtins[name], out)
     return out

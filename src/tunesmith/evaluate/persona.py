@@ -194,10 +194,10 @@ def write_report(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
         lines += ["", f"## Identity answers ({lang})", ""]
         for q, a in zip(EVAL_IDENTITY_QUESTIONS[lang], ans.get("identity", {}).get(lang, [])):
             ok = "✅" if identity_hit(a, PersonaSpec(**sp), q["category"]) else "❌"
-            lines.append(f"- {ok} **{html.escape(q['text'])}** — {html.escape(a[:300])}")
+            lines.append(f"- {ok} **{html.escape(q['text'], quote=False)}** — {html.escape(a[:300], quote=False)}")
         lines += ["", f"## General answers ({lang})", ""]
         for p, a in zip(EVAL_GENERAL_PROMPTS[lang], ans.get("general", {}).get(lang, [])):
             flag = "⚠️ leak" if leaks(a, PersonaSpec(**sp)) else ""
-            lines.append(f"- **{html.escape(p['prompt'])}** — {html.escape(a[:300])} {flag}")
+            lines.append(f"- **{html.escape(p['prompt'], quote=False)}** — {html.escape(a[:300], quote=False)} {flag}")
     mp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return jp, mp

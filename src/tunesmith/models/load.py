@@ -39,6 +39,13 @@ def resolve(name: str) -> str:
 
     path = registry.resolve(name)
     if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            if os.path.isfile(os.path.join(path, "adapter_config.json")):
+                raise UserError(f"'{path}' is a LoRA adapter folder, not a model: give its base model with --adapter "
+                                f"{path} (chat, serve), or merge it into one first (tunesmith merge)")
+            raise UserError(f"'{path}' is not a model folder (no config.json): give a folder written by "
+                            "save_pretrained / tunesmith merge, a registry name (tunesmith model list), a .gguf file "
+                            "or a hub id")
         return path
     try:
         from huggingface_hub import snapshot_download
@@ -148,6 +155,25 @@ def lora_config(r: int, alpha: int, dropout: float, target_modules):
                       bias="none", task_type="CAUSAL_LM")
 
 
+def _linear_names(model) -> list[str]:
+    """The last name part of each linear layer (bitsandbytes' included), the output head left out."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
+                  - {"lm_head", "output"})
+
+
+def check_targets(model, targets) -> None:
+    """A list of module names must each name some module (as peft matches them: the whole name or its last parts);
+    a typo otherwise surfaces as peft's traceback after the model has loaded."""
+    if isinstance(targets, str):
+        return
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise UserError(f"lora.target_modules: {', '.join(repr(t) for t in missing)} match no module of this model"
+                        f"\n  hint: its linear layers are {', '.join(_linear_names(model))}; or use 'all-linear'")
+
+
 def add_lora(model, cfg, grad_checkpointing: bool, offload: bool = False):
     """Freeze the base and add LoRA adapters (all linear layers of the blocks by default)."""
     from peft import get_peft_model
@@ -157,7 +183,12 @@ def add_lora(model, cfg, grad_checkpointing: bool, offload: bool = False):
     if grad_checkpointing:
         enable_checkpointing(model, offload)
         model.enable_input_require_grads()
-    peft_model = get_peft_model(model, lora_config(cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules))
+    check_targets(model, cfg.target_modules)
+    try:
+        peft_model = get_peft_model(model, lora_config(cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules))
+    except ValueError as e:  # peft's "target modules not found" (a regular expression that matched nothing, say)
+        raise UserError(f"lora.target_modules={cfg.target_modules!r}: {e}\n  hint: this model's linear layers are "
+                        f"{', '.join(_linear_names(model))}; or use 'all-linear'") from None
     # LoRA weights train in fp32 even when the base computes in bf16 (stable AdamW updates)
     for n, p in peft_model.named_parameters():
         if p.requires_grad and p.dtype != torch.float32:

@@ -681,6 +681,11 @@ def create_app(model, tokenizer, adapters: dict[str, str] | None, base_name: str
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
+        ctype = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in ctype.lower():  # curl -d sends a form type: nothing parsed
+            return APIError(400, f"the request body must be JSON, sent with the header Content-Type: "
+                                 f"application/json (got {ctype or 'no Content-Type'})",
+                            code="invalid_content_type").response()
         return _validation_error(exc).response()
 
     @app.exception_handler(StarletteHTTPException)

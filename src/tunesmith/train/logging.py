@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -63,7 +64,7 @@ class RunLogger:
                                                                 encoding="utf-8")
         lines = [f"[bold cyan]chat samples at step {step}[/]"]
         for q, a in zip(inputs, answers):
-            lines.append(f"  [green]Q:[/] {q}\n  [yellow]A:[/] {a.strip()[:300]}")
+            lines.append(f"  [green]Q:[/] {escape(q)}\n  [yellow]A:[/] {escape(a.strip()[:300])}")
         self.console.print("\n".join(lines), highlight=False, markup=True)
         if self.tb is not None:
             self.tb.add_text("samples", "\n\n".join(f"**{q}**\n\n{a}" for q, a in zip(inputs, answers)), step)

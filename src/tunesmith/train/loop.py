@@ -192,11 +192,8 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     if not dist.is_main:
         log = _quiet
     work = Path(cfg.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
     ckpt_root = work / "checkpoints"
     config_yaml = dump_config(cfg)
-    if dist.is_main:
-        (work / "config.yaml").write_text(config_yaml, encoding="utf-8")
 
     # ---- resume point
     resume_dir = None
@@ -217,7 +214,8 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
     if cfg.method == "qlora" and device.type == "cpu" and dtype != torch.float32:
         dtype = torch.float32
 
-    # ---- model and tokenizer
+    # ---- data first (its errors need no model), then model and tokenizer; the work dir once both are good
+    convs = gather_conversations(cfg.data) + list(extra_conversations or [])
     base = mload.resolve(cfg.model.name)
     tokenizer = mload.load_tokenizer(base, cfg.model.trust_remote_code)
     load_from = str(resume_dir) if (resume_dir and cfg.method == "full") else base
@@ -226,9 +224,13 @@ def train(cfg: Config, resume: str | None = None, log=print, extra_conversations
                                    attn_implementation=cfg.model.attn_implementation,
                                    shard_frozen=tc.shard_frozen)
     model.config.use_cache = False
+    if cfg.method != "full":
+        mload.check_targets(model, cfg.lora.target_modules)  # before the self-distillation below, not after it
+    work.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        (work / "config.yaml").write_text(config_yaml, encoding="utf-8")
 
-    # ---- data: persona + files, plus self-distillation answers written by the base model before training
-    convs = gather_conversations(cfg.data) + list(extra_conversations or [])
+    # ---- self-distillation answers written by the base model before training
     reg = cfg.data.regularize
     n_kl = 0  # the last n_kl conversations are trained by KL to the base model (data.regularize.kl)
     if reg.ratio > 0:
