@@ -187,6 +187,8 @@ def add_lora(model, cfg, grad_checkpointing: bool, offload: bool = False):
     try:
         peft_model = get_peft_model(model, lora_config(cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules))
     except ValueError as e:  # peft's "target modules not found" (a regular expression that matched nothing, say)
+        if "target" not in str(e).lower():
+            raise
         raise UserError(f"lora.target_modules={cfg.target_modules!r}: {e}\n  hint: this model's linear layers are "
                         f"{', '.join(_linear_names(model))}; or use 'all-linear'") from None
     # LoRA weights train in fp32 even when the base computes in bf16 (stable AdamW updates)
