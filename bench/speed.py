@@ -891,7 +891,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--row-timeout", type=float, default=180, help="kill a worker stuck on one row this long")
     ap.add_argument("--fresh-workers", action="store_true",
                     help="each row in new worker processes, nothing left from earlier rows (twelfth run: 7B QLoRA "
-                         "after 7B LoRA in one tunesmith process ran ~6%% slower a step, with one 1.1 s stall)")
+                         "after 7B LoRA in one tunesmith process ran ~6%% slower a step, its first timed step 1.47 s; the "
+                         "garbage collector frozen after the first step removed both, thirteenth run)")
     ap.add_argument("--ready-timeout", type=float, default=240)
     ap.add_argument("--parallel-gpus", default=None,
                     help="comma list of GPU indices: rows spread over them, one speed.py per GPU at once, one merged "
@@ -976,7 +977,8 @@ def main(argv: list[str] | None = None) -> int:
               "command": " ".join([Path(sys.executable).name, os.path.relpath(HERE, Path.cwd())] + sys.argv[1:]),
               "env": env_switches(),
               "settings": {"warmup": a.warmup, "steps": a.steps, "min_timed_tokens": a.min_timed_tokens, "r": a.r,
-                           "alpha": a.alpha, "lr": a.lr, "seed": a.seed, "device": a.device, "mfu": "6*N*tok/s / peak, N = matmul weights"},
+                           "alpha": a.alpha, "lr": a.lr, "seed": a.seed, "device": a.device,
+                           "mfu": "6*N*tok/s / peak, N = matmul weights"},
               "rows": []}
 
     def markdown() -> str:
@@ -997,8 +999,7 @@ def main(argv: list[str] | None = None) -> int:
     def add(row: dict, stack: str, wl: str, res: dict) -> None:
         rec = {"workload": wl, "shape": row["shape"], "method": row["method"], "seq": row["seq"],
                "batch": row["batch"], "steps": row["steps"], "stack": stack, "tok_s": None, "peak_gib": None,
-               "peak_reserved_gib": None,
-               "mfu": None, "loss_first": None, "loss_last": None, "error": None}
+               "peak_reserved_gib": None, "mfu": None, "loss_first": None, "loss_last": None, "error": None}
         rec.update({k: v for k, v in res.items() if k != "op"})
         if rec["tok_s"] and peak:
             sh = SHAPES[row["shape"]]

@@ -21,7 +21,7 @@ model_app = typer.Typer(no_args_is_help=True, help="Fetch, list and import base 
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 # markup off: what is printed holds user paths and text, where "[...]" is not a style (markup is explicit below)
-console = Console(markup=False) if sys.stdout.isatty() else Console(width=160, markup=False)  # pipes: no 80-col cut
+console = Console(markup=False, width=None if sys.stdout.isatty() else 160)  # logs and pipes: no 80-column cut
 err = Console(stderr=True, soft_wrap=True)
 
 

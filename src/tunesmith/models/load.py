@@ -155,11 +155,12 @@ def lora_config(r: int, alpha: int, dropout: float, target_modules):
                       bias="none", task_type="CAUSAL_LM")
 
 
-def _linear_names(model) -> list[str]:
+def _targets_hint(model) -> str:
     """The last name part of each linear layer (bitsandbytes' included), the output head left out."""
-    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                   if isinstance(m, torch.nn.Linear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
-                  - {"lm_head", "output"})
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt")}
+                   - {"lm_head", "output"})
+    return f"\n  hint: this model's linear layers are {', '.join(names)}; or use 'all-linear'"
 
 
 def check_targets(model, targets) -> None:
@@ -171,7 +172,7 @@ def check_targets(model, targets) -> None:
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise UserError(f"lora.target_modules: {', '.join(repr(t) for t in missing)} match no module of this model"
-                        f"\n  hint: its linear layers are {', '.join(_linear_names(model))}; or use 'all-linear'")
+                        + _targets_hint(model))
 
 
 def add_lora(model, cfg, grad_checkpointing: bool, offload: bool = False):
@@ -183,14 +184,12 @@ def add_lora(model, cfg, grad_checkpointing: bool, offload: bool = False):
     if grad_checkpointing:
         enable_checkpointing(model, offload)
         model.enable_input_require_grads()
-    check_targets(model, cfg.target_modules)
-    try:
+    try:  # a list of names was checked before (check_targets, in train); here what peft itself refuses
         peft_model = get_peft_model(model, lora_config(cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules))
     except ValueError as e:  # peft's "target modules not found" (a regular expression that matched nothing, say)
         if "target" not in str(e).lower():
             raise
-        raise UserError(f"lora.target_modules={cfg.target_modules!r}: {e}\n  hint: this model's linear layers are "
-                        f"{', '.join(_linear_names(model))}; or use 'all-linear'") from None
+        raise UserError(f"lora.target_modules={cfg.target_modules!r}: {e}" + _targets_hint(model)) from None
     # LoRA weights train in fp32 even when the base computes in bf16 (stable AdamW updates)
     for n, p in peft_model.named_parameters():
         if p.requires_grad and p.dtype != torch.float32:

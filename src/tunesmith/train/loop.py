@@ -176,8 +176,8 @@ def _freeze_gc() -> bool:
     for a tiny model) out of the garbage collector's reach until training ends (``gc.freeze``). Python's full
     collections otherwise walk them all once enough new objects have piled up: 0.2-0.5 s each on this repository's
     CPU, a pause in which the host queues no GPU work (bench/gc_pauses.py; in a step in 1 of 5 CPU runs). Later
-    collections scan only what training creates. ``TUNESMITH_GC_FREEZE=0`` leaves the
-    collector as it is. Returns whether it froze (the caller unfreezes)."""
+    collections scan only what training creates. ``TUNESMITH_GC_FREEZE=0`` leaves the collector as it is. Returns
+    whether it froze (the caller unfreezes)."""
     if os.environ.get("TUNESMITH_GC_FREEZE") == "0":
         return False
     gc.collect()
